@@ -1,0 +1,1 @@
+"""Drivers run agents: :mod:`.process` as local processes, :mod:`.statefulset` on Kubernetes."""
