@@ -198,7 +198,8 @@ def load_settings(
                 return f"file {file_path}"
         return "built-in default"
 
-    return _build(Settings, _lower_keys(merged), (), source_of)
+    settings: Settings = _build(Settings, _lower_keys(merged), (), source_of)
+    return settings
 
 
 def _env_values(environ: Mapping[str, str]) -> dict[str, tuple[tuple[str, ...], str]]:
@@ -266,7 +267,9 @@ def _lower_keys(data: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-_QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|e[0-9]+)?$")
+_QUANTITY = re.compile(
+    r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|e[0-9]+)?$"
+)
 _QUANTITY_KEYS = {f.name for f in dataclasses.fields(ResourceSettings)}
 
 

@@ -33,7 +33,7 @@ class Driver(abc.ABC):
         """Raises NotFound."""
 
     @abc.abstractmethod
-    async def list(self, session_id: str | None = None) -> list[AgentInfo]:
+    async def list_agents(self, session_id: str | None = None) -> list[AgentInfo]:
         """Every agent, or those of one session, sorted by id."""
 
     @abc.abstractmethod

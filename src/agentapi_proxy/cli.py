@@ -1,0 +1,107 @@
+"""The ``agentapi-proxy`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+
+from agentapi_proxy import logconfig
+from agentapi_proxy.settings import Settings, SettingsError, load_settings
+
+logger = logging.getLogger("agentapi_proxy")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="agentapi-proxy",
+        description="Run AI coding-agent servers as local processes or Kubernetes StatefulSets.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="settings file (JSON or YAML); default: config.json/config.yaml in the current "
+        "directory, ~/.agentapi/ and /etc/agentapi/",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the control plane and the HTTP gateway")
+    commands.add_parser("control-plane", help="run only the gRPC control plane")
+    commands.add_parser("gateway", help="run only the HTTP gateway")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = load_settings(args.config)
+    except SettingsError as exc:
+        print(f"agentapi-proxy: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logconfig.configure(settings.log)
+
+    try:
+        asyncio.run(
+            _run(
+                settings,
+                control_plane=args.command != "gateway",
+                gateway=args.command != "control-plane",
+            )
+        )
+    except SettingsError as exc:
+        logger.error("%s", exc)
+        raise SystemExit(2) from None
+
+
+async def _run(settings: Settings, *, control_plane: bool, gateway: bool) -> None:
+    from agentapi_gateway.app import create_app
+    from aiohttp import web
+
+    from agentapi_proxy.server import ControlPlane
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    plane = ControlPlane(settings) if control_plane else None
+    runner: web.AppRunner | None = None
+    try:
+        gateway_settings = settings.gateway
+        if plane is not None:
+            port = await plane.start()
+            # In one process the gateway dials the port actually bound (it may be :0).
+            host = settings.server.grpc_listen.rsplit(":", 1)[0]
+            if host in {"0.0.0.0", "[::]", ""}:
+                host = "127.0.0.1"
+            gateway_settings = replace(gateway_settings, control_plane=f"{host}:{port}")
+        if gateway:
+            runner = web.AppRunner(
+                create_app(gateway_settings),
+                handle_signals=False,
+                shutdown_timeout=settings.server.shutdown_grace_seconds,
+            )
+            await runner.setup()
+            host, port = settings.gateway.listen.rsplit(":", 1)
+            site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_port=False)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise SettingsError(
+                    f"cannot listen on gateway.listen = {settings.gateway.listen!r}: {exc.strerror}"
+                ) from exc
+            for address in runner.addresses:
+                logger.info("gateway listening on http://%s:%s", *address[:2])
+        await stop.wait()
+        logger.info("shutting down")
+    finally:
+        # Both at once: the control plane ends its streams, which ends the gateway's,
+        # so the whole process is gone within one grace period.
+        closing = []
+        if runner is not None:
+            closing.append(runner.cleanup())
+        if plane is not None:
+            closing.append(plane.stop())
+        for result in await asyncio.gather(*closing, return_exceptions=True):
+            if isinstance(result, Exception):
+                logger.warning("error while shutting down: %s", result)

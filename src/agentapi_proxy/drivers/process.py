@@ -1,0 +1,585 @@
+"""Legacy mode: every agent is a local process group.
+
+Layout under ``{state_dir}/agents/{agent_id}/``:
+
+- ``record.json``: the spec, port, shim PID and its start time, and the phase
+  (``creating`` -> ``running`` -> ``deleting``), rewritten atomically at each step
+  so a control plane killed at any point can finish or undo the step on start.
+- ``current.log`` / ``previous.log``: the agent's output in CRI log format,
+  written by the shim (:mod:`agentapi_proxy.shim`), which outlives the control plane.
+- ``exit.json``: written by the shim when the agent exits.
+- ``work/``: the agent's working directory (unless ``process.workdir`` says otherwise).
+
+The shim is started in a new session, so its PID is the process group id of
+everything the agent starts; deleting an agent signals that whole group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from agentapi_proxy import logs, shim
+from agentapi_proxy.drivers.base import Driver
+from agentapi_proxy.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    NotFound,
+    ResourceExhausted,
+)
+from agentapi_proxy.ids import validate_agent_id, validate_session_id
+from agentapi_proxy.model import (
+    AgentInfo,
+    AgentSpec,
+    Endpoint,
+    LogOptions,
+    Mode,
+    State,
+    StreamEnd,
+)
+from agentapi_proxy.settings import ProcessSettings
+from agentapi_proxy.stateboard import StateBoard
+
+logger = logging.getLogger(__name__)
+
+RECORD_FILE = "record.json"
+CURRENT_LOG = "current.log"
+PREVIOUS_LOG = "previous.log"
+EXIT_FILE = "exit.json"
+LOG_TAIL_LINES = 20
+
+# Readiness is probed quickly while an agent starts (create-to-ready time is
+# what users feel), then slowly once it is ready.
+PROBE_INTERVAL_STARTING = 0.05
+PROBE_INTERVAL_READY = 2.0
+PROBE_TIMEOUT = 2.0
+
+
+@dataclass
+class _Agent:
+    spec: AgentSpec
+    directory: Path
+    port: int
+    create_time: datetime
+    phase: str = "creating"
+    pid: int | None = None
+    pid_start: int | None = None
+    ready_time: datetime | None = None
+    restart_count: int = 0
+    # Set only when this control plane started the shim (so it must reap it).
+    popen: subprocess.Popen[bytes] | None = None
+    monitor: asyncio.Task[None] | None = None
+    logs_done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "spec": {
+                **asdict(self.spec),
+                "env": dict(self.spec.env),
+                "labels": dict(self.spec.labels),
+            },
+            "port": self.port,
+            "phase": self.phase,
+            "pid": self.pid,
+            "pid_start": self.pid_start,
+            "create_time": self.create_time.isoformat(),
+            "ready_time": self.ready_time.isoformat() if self.ready_time else None,
+            "restart_count": self.restart_count,
+        }
+
+    @classmethod
+    def from_record(cls, directory: Path, data: dict[str, Any]) -> _Agent:
+        spec = data["spec"]
+        return cls(
+            spec=AgentSpec(
+                agent_id=spec["agent_id"],
+                session_id=spec["session_id"],
+                owner=spec.get("owner", ""),
+                env=dict(spec.get("env", {})),
+                labels=dict(spec.get("labels", {})),
+            ),
+            directory=directory,
+            port=int(data["port"]),
+            create_time=datetime.fromisoformat(data["create_time"]),
+            phase=data["phase"],
+            pid=data.get("pid"),
+            pid_start=data.get("pid_start"),
+            ready_time=datetime.fromisoformat(data["ready_time"])
+            if data.get("ready_time")
+            else None,
+            restart_count=int(data.get("restart_count", 0)),
+        )
+
+
+class ProcessDriver(Driver):
+    mode = Mode.PROCESS
+
+    def __init__(self, settings: ProcessSettings, *, state_dir: Path, board: StateBoard) -> None:
+        self._settings = settings
+        self._root = state_dir / "agents"
+        self._board = board
+        self._agents: dict[str, _Agent] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._port_lock = asyncio.Lock()
+        self._port_cursor = 0
+        self._http: aiohttp.ClientSession | None = None
+
+    # --- lifecycle of the driver ---------------------------------------------
+
+    async def start(self) -> None:
+        self._root.mkdir(parents=True, exist_ok=True)
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT),
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+        )
+        for directory in sorted(self._root.iterdir()):
+            await self._recover(directory)
+
+    async def close(self) -> None:
+        monitors = [a.monitor for a in self._agents.values() if a.monitor]
+        for task in monitors:
+            task.cancel()
+        await asyncio.gather(*monitors, return_exceptions=True)
+        for agent in self._agents.values():
+            agent.logs_done.set()
+        if self._http is not None:
+            await self._http.close()
+
+    async def _recover(self, directory: Path) -> None:
+        """Adopt an agent found on disk, or finish the step a killed control plane left."""
+        try:
+            data = json.loads((directory / RECORD_FILE).read_text())
+            agent = _Agent.from_record(directory, data)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("removing unreadable agent directory %s: %s", directory, exc)
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+            return
+
+        agent_id = agent.spec.agent_id
+        if agent.phase in {"creating", "deleting"}:
+            logger.info("agent %s: finishing interrupted %s", agent_id, agent.phase[:-3] + "e")
+            await self._stop_group(agent)
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+            return
+
+        self._agents[agent_id] = agent
+        if _process_identity(agent.pid) != agent.pid_start:
+            state = self._exited_info(agent)
+            self._board.publish(state)
+            logger.info("agent %s: found stopped after restart", agent_id)
+        else:
+            self._board.publish(self._info(agent, State.STARTING))
+            logger.info("agent %s: adopted running process group %s", agent_id, agent.pid)
+        agent.monitor = asyncio.create_task(self._monitor(agent), name=f"monitor-{agent_id}")
+
+    # --- operations ------------------------------------------------------------
+
+    async def create(self, spec: AgentSpec) -> tuple[AgentInfo, bool]:
+        validate_agent_id(spec.agent_id)
+        validate_session_id(spec.session_id)
+        async with self._lock(spec.agent_id):
+            existing = self._agents.get(spec.agent_id)
+            if existing is not None:
+                if existing.spec != spec:
+                    raise AlreadyExists(
+                        f"agent {spec.agent_id!r} already exists with a different spec; "
+                        "delete it first or choose another id"
+                    )
+                return self._current(existing), False
+
+            command = self._command(spec, port=0)  # checks the executable before anything exists
+            port = await self._allocate_port()
+            agent = _Agent(
+                spec=spec,
+                directory=self._root / spec.agent_id,
+                port=port,
+                create_time=datetime.now(UTC),
+            )
+            self._agents[spec.agent_id] = agent
+            try:
+                agent.directory.mkdir(parents=True)
+                self._write_record(agent)
+                command = self._command(spec, port=port)
+                self._spawn(agent, command)
+                agent.phase = "running"
+                self._write_record(agent)
+            except BaseException as exc:
+                await self._stop_group(agent)
+                del self._agents[spec.agent_id]
+                await asyncio.to_thread(shutil.rmtree, agent.directory, True)
+                if isinstance(exc, OSError):
+                    raise Internal(f"could not start agent {spec.agent_id!r}: {exc}") from exc
+                raise
+
+            info = self._info(agent, State.STARTING)
+            self._board.publish(info)
+            agent.monitor = asyncio.create_task(
+                self._monitor(agent), name=f"monitor-{spec.agent_id}"
+            )
+            logger.info("agent %s: started on port %s (pid %s)", spec.agent_id, port, agent.pid)
+            return info, True
+
+    async def get(self, agent_id: str) -> AgentInfo:
+        return self._current(self._find(agent_id))
+
+    async def list_agents(self, session_id: str | None = None) -> list[AgentInfo]:
+        return [
+            self._current(agent)
+            for _, agent in sorted(self._agents.items())
+            if session_id is None or agent.spec.session_id == session_id
+        ]
+
+    async def delete(self, agent_id: str) -> AgentInfo:
+        async with self._lock(agent_id):
+            agent = self._find(agent_id)
+            agent.phase = "deleting"
+            self._write_record(agent)
+            self._board.publish(replace(self._current(agent), state=State.STOPPING))
+            if agent.monitor is not None:
+                agent.monitor.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await agent.monitor
+
+            await self._stop_group(agent)
+            agent.logs_done.set()
+            await asyncio.to_thread(shutil.rmtree, agent.directory, True)
+            del self._agents[agent_id]
+            last = replace(self._current(agent), state=State.DELETED)
+            self._board.publish(last)
+            logger.info("agent %s: deleted", agent_id)
+        self._locks.pop(agent_id, None)
+        return last
+
+    def watch(self, agent_id: str) -> AsyncIterator[AgentInfo]:
+        self._find(agent_id)
+        return self._board.watch(agent_id)
+
+    async def logs(self, agent_id: str, options: LogOptions) -> AsyncIterator[bytes | StreamEnd]:
+        agent = self._find(agent_id)
+        path = agent.directory / (PREVIOUS_LOG if options.previous else CURRENT_LOG)
+        if options.previous and not path.exists():
+            raise FailedPrecondition(
+                f"agent {agent_id!r} has no previous run: it has not been restarted",
+                reason="NoPreviousRun",
+            )
+        async for chunk in logs.read_log(path, options, stopped=agent.logs_done):
+            yield chunk
+        if options.follow and agent_id not in self._agents:
+            yield StreamEnd("AgentDeleted", f"agent {agent_id!r} was deleted")
+
+    async def endpoint(self, agent_id: str) -> Endpoint:
+        agent = self._find(agent_id)
+        info = self._current(agent)
+        if info.state in {State.FAILED, State.STOPPING}:
+            raise FailedPrecondition(
+                f"agent {agent_id!r} is {info.state.value}: {info.message or info.reason}",
+                reason=info.reason,
+            )
+        return Endpoint(base_url=f"http://127.0.0.1:{agent.port}", host=f"localhost:{agent.port}")
+
+    # --- helpers ---------------------------------------------------------------
+
+    def _lock(self, agent_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(agent_id, asyncio.Lock())
+
+    def _find(self, agent_id: str) -> _Agent:
+        agent = self._agents.get(agent_id)
+        if agent is None or agent.phase == "creating":
+            raise NotFound(f"agent {agent_id!r} not found")
+        return agent
+
+    def _current(self, agent: _Agent) -> AgentInfo:
+        return self._board.get(agent.spec.agent_id) or self._info(agent, State.PENDING)
+
+    def _info(self, agent: _Agent, state: State, **extra: Any) -> AgentInfo:
+        return AgentInfo(
+            spec=agent.spec,
+            mode=Mode.PROCESS,
+            state=state,
+            create_time=agent.create_time,
+            address=f"127.0.0.1:{agent.port}",
+            ready_time=agent.ready_time,
+            restart_count=agent.restart_count,
+            **extra,
+        )
+
+    def _command(self, spec: AgentSpec, *, port: int) -> list[str]:
+        values = {
+            "port": str(port),
+            "agent_id": spec.agent_id,
+            "session_id": spec.session_id,
+            "python": sys.executable,
+            "workdir": str(self._workdir(spec)),
+        }
+        try:
+            command = [part.format(**values) for part in shlex.split(self._settings.command)]
+        except (KeyError, IndexError, ValueError) as exc:
+            raise FailedPrecondition(
+                f"setting process.command {self._settings.command!r} is not a valid template "
+                f"({exc}); placeholders are {{port}}, {{agent_id}}, {{session_id}}, "
+                "{python} and {workdir}"
+            ) from exc
+        if not command or shutil.which(command[0]) is None:
+            raise FailedPrecondition(
+                f"agent command {command[0] if command else ''!r} was not found on PATH; "
+                "install it or change the setting process.command"
+            )
+        return command
+
+    def _workdir(self, spec: AgentSpec) -> Path:
+        if not self._settings.workdir:
+            return self._root / spec.agent_id / "work"
+        return Path(
+            os.path.expanduser(
+                self._settings.workdir.format(agent_id=spec.agent_id, session_id=spec.session_id)
+            )
+        )
+
+    def _spawn(self, agent: _Agent, command: list[str]) -> None:
+        workdir = self._workdir(agent.spec)
+        workdir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTAPI_")}
+        env.update(agent.spec.env)
+        env.update(
+            AGENT_ID=agent.spec.agent_id,
+            SESSION_ID=agent.spec.session_id,
+            AGENTAPI_PORT=str(agent.port),
+        )
+        with open(agent.directory / "shim.err", "ab") as shim_errors:
+            agent.popen = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    shim.__file__,
+                    "--log-dir",
+                    str(agent.directory),
+                    "--",
+                    *command,
+                ],
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=shim_errors,
+                start_new_session=True,
+                close_fds=True,
+            )
+        agent.pid = agent.popen.pid
+        agent.pid_start = _process_identity(agent.pid)
+
+    def _write_record(self, agent: _Agent) -> None:
+        tmp = agent.directory / (RECORD_FILE + ".tmp")
+        tmp.write_text(json.dumps(agent.record()))
+        os.replace(tmp, agent.directory / RECORD_FILE)
+
+    async def _allocate_port(self) -> int:
+        """A port of the configured range that no agent holds and nothing listens on."""
+        async with self._port_lock:
+            ports = self._settings.ports
+            taken = {a.port for a in self._agents.values()}
+            for step in range(len(ports)):
+                port = ports[(self._port_cursor + step) % len(ports)]
+                if port in taken or not _port_is_free(port):
+                    continue
+                self._port_cursor = (self._port_cursor + step + 1) % len(ports)
+                return port
+        raise ResourceExhausted(
+            f"no free port left in process.port_range {self._settings.port_range}: "
+            "delete agents or widen the range"
+        )
+
+    # --- watching one agent ----------------------------------------------------
+
+    async def _monitor(self, agent: _Agent) -> None:
+        agent_id = agent.spec.agent_id
+        try:
+            while True:
+                if self._has_exited(agent):
+                    info = self._exited_info(agent)
+                    self._board.publish(info)
+                    logger.warning("agent %s: %s", agent_id, info.message)
+                    return
+                state = self._current(agent).state
+                ready = await self._probe(agent)
+                if ready and state is not State.READY:
+                    if agent.ready_time is None:
+                        agent.ready_time = datetime.now(UTC)
+                        self._write_record(agent)
+                    self._board.publish(self._info(agent, State.READY))
+                    logger.info("agent %s: ready", agent_id)
+                elif not ready and state is State.READY:
+                    self._board.publish(
+                        self._info(
+                            agent,
+                            State.UNREADY,
+                            reason="ProbeFailed",
+                            message=f"GET {self._settings.ready_path} does not answer",
+                        )
+                    )
+                    logger.warning("agent %s: stopped answering its readiness probe", agent_id)
+                elif not ready and state is State.STARTING:
+                    elapsed = (datetime.now(UTC) - agent.create_time).total_seconds()
+                    if elapsed > self._settings.ready_timeout_seconds:
+                        self._board.publish(
+                            self._info(
+                                agent,
+                                State.STARTING,
+                                reason="NotReady",
+                                message=(
+                                    f"not answering GET {self._settings.ready_path} on port "
+                                    f"{agent.port} after {elapsed:.0f}s; see its logs"
+                                ),
+                            )
+                        )
+                interval = PROBE_INTERVAL_READY if ready else PROBE_INTERVAL_STARTING
+                await asyncio.sleep(interval)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("agent %s: monitor failed", agent_id)
+
+    def _has_exited(self, agent: _Agent) -> bool:
+        if agent.popen is not None:
+            return agent.popen.poll() is not None
+        return _process_identity(agent.pid) != agent.pid_start
+
+    def _exited_info(self, agent: _Agent) -> AgentInfo:
+        exit_code: int | None = None
+        message = "the agent's supervisor process is gone and left no exit status"
+        reason = "Lost"
+        try:
+            status = json.loads((agent.directory / EXIT_FILE).read_text())
+        except (OSError, ValueError):
+            status = None
+        if isinstance(status, dict):
+            if status.get("signal"):
+                reason = "Killed"
+                message = f"agent was killed by signal {status['signal']}"
+                exit_code = 128 + int(status["signal"])
+            else:
+                reason = "Exited"
+                exit_code = int(status.get("exit_code") or 0)
+                message = f"agent exited with code {exit_code}"
+        tail = logs.tail_text(agent.directory / CURRENT_LOG, LOG_TAIL_LINES)
+        return self._info(
+            agent,
+            State.FAILED,
+            reason=reason,
+            message=message,
+            exit_code=exit_code,
+            log_tail=tail,
+        )
+
+    async def _probe(self, agent: _Agent) -> bool:
+        assert self._http is not None
+        url = f"http://127.0.0.1:{agent.port}{self._settings.ready_path}"
+        try:
+            async with self._http.get(url, headers={"Host": f"localhost:{agent.port}"}) as resp:
+                return 200 <= resp.status < 400
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    async def _stop_group(self, agent: _Agent) -> None:
+        """Stop every process of the agent's group: SIGTERM, grace period, SIGKILL.
+
+        Signals the group only when its leader is still the shim we started
+        (same PID and start time), or when the leader is gone and members are
+        left: a process group id is not reused while the group has members.
+        """
+        pgid = agent.pid
+        if pgid is None:
+            return
+        leader_is_ours = _process_identity(pgid) == agent.pid_start
+        if not leader_is_ours and _process_identity(pgid) is not None:
+            logger.warning(
+                "agent %s: pid %s now belongs to another process; not signalling it",
+                agent.spec.agent_id,
+                pgid,
+            )
+            return
+
+        _signal_group(pgid, signal.SIGTERM)
+        if not await _wait_group_gone(pgid, agent, self._settings.stop_grace_seconds):
+            logger.warning(
+                "agent %s: still running after %ss grace period, killing",
+                agent.spec.agent_id,
+                self._settings.stop_grace_seconds,
+            )
+            _signal_group(pgid, signal.SIGKILL)
+            await _wait_group_gone(pgid, agent, 5.0)
+        if agent.popen is not None:
+            agent.popen.poll()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def _wait_group_gone(pgid: int, agent: _Agent, seconds: float) -> bool:
+    """Whether the group emptied within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    # Polling: the kernel offers no event for "process group is empty".
+    while _group_alive(pgid, agent):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def _group_alive(pgid: int, agent: _Agent) -> bool:
+    # Reap our own shim first: a zombie leader still counts as a group member.
+    if agent.popen is not None:
+        agent.popen.poll()
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _process_identity(pid: int | None) -> int | None:
+    """The process's start time in clock ticks since boot, or None when it does not exist.
+
+    Together with the PID this identifies a process across PID reuse.
+    """
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

@@ -1,0 +1,94 @@
+"""The control plane process: the gRPC server, its driver and its health service."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from agentapi_proxy.drivers.base import Driver
+from agentapi_proxy.service import AgentService
+from agentapi_proxy.settings import Settings, SettingsError
+from agentapi_proxy.stateboard import StateBoard
+from agentapi_proxy.traffic import TrafficRelay
+from agentapi_proxy.v1 import agent_service_pb2 as pb
+from agentapi_proxy.v1 import agent_service_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AgentService"].full_name
+SERVER_OPTIONS = [
+    # Without this a second control plane could bind the same port and share its traffic.
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+def make_driver(settings: Settings, board: StateBoard) -> Driver:
+    if settings.provision_mode.enabled:
+        raise SettingsError(
+            "provision_mode.enabled is true, but this build has no StatefulSet driver yet"
+        )
+    from agentapi_proxy.drivers.process import ProcessDriver
+
+    return ProcessDriver(settings.process, state_dir=settings.state_path, board=board)
+
+
+class ControlPlane:
+    """Owns the gRPC server and everything behind it; start() then stop(), once each."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.board = StateBoard()
+        self.driver = make_driver(settings, self.board)
+        self.relay = TrafficRelay(self.driver)
+        self.service = AgentService(self.driver, self.relay)
+        self.health = HealthServicer()
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.port = 0
+
+    async def start(self) -> int:
+        """Recover existing agents, then listen. Returns the bound port."""
+        await self.driver.start()
+        await self.relay.start()
+        pb_grpc.add_AgentServiceServicer_to_server(self.service, self.server)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
+        address = self.settings.server.grpc_listen
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise SettingsError(
+                f"cannot listen on server.grpc_listen = {address!r}: {exc}"
+            ) from exc
+        await self.server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("control plane listening on %s:%s (gRPC)", address.rsplit(":", 1)[0], self.port)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking calls, end open streams, wait up to ``grace`` seconds, then cancel.
+
+        Agents keep running; a restarted control plane adopts them.
+        """
+        grace = self.settings.server.shutdown_grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self.service.begin_shutdown()
+        self.board.close()
+        await self.driver.close()
+        await self.server.stop(grace)
+        await self.relay.close()
+        logger.info("control plane stopped")

@@ -1,0 +1,257 @@
+"""The gRPC AgentService: checks requests, calls the driver, maps errors.
+
+Every failure leaves through :func:`agentapi_proxy.status.abort`; nothing
+else in the project turns an error into a gRPC status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import grpc
+
+from agentapi_proxy import errors, status
+from agentapi_proxy.drivers.base import Driver
+from agentapi_proxy.ids import (
+    new_agent_id,
+    validate_agent_id,
+    validate_env_name,
+    validate_session_id,
+)
+from agentapi_proxy.model import AgentSpec, LogOptions, State, StreamEnd
+from agentapi_proxy.traffic import TrafficRelay
+from agentapi_proxy.v1 import agent_service_pb2 as pb
+from agentapi_proxy.v1 import agent_service_pb2_grpc as pb_grpc
+from agentapi_proxy.wire import STATE_FROM_PB, agent_to_pb
+
+logger = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Response = TypeVar("Response")
+
+DEFAULT_WAIT = timedelta(seconds=60)
+MAX_WAIT = timedelta(seconds=600)
+MAX_ENV_ENTRIES = 128
+MAX_ENV_VALUE_BYTES = 32 * 1024
+_LABEL_KEY = re.compile(
+    r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
+)
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
+
+
+async def _fail(context: Context, exc: Exception, method: str) -> None:
+    """Turn any exception into the call's status; re-raises an abort already under way."""
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    if not isinstance(exc, errors.AgentApiError):
+        logger.error("%s failed", method, exc_info=exc)
+        exc = errors.Internal(
+            f"internal error in {method} ({type(exc).__name__}); see the control plane log"
+        )
+    await status.abort(context, exc)
+
+
+def _unary(
+    method: Callable[[Any, Any, Context], Awaitable[Response]],
+) -> Callable[[Any, Any, Context], Awaitable[Response]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: Context) -> Response:
+        try:
+            return await method(self, request, context)
+        except Exception as exc:
+            await _fail(context, exc, method.__name__)
+            raise
+
+    return wrapper
+
+
+def _streaming(
+    method: Callable[[Any, Any, Context], AsyncIterator[Response]],
+) -> Callable[[Any, Any, Context], AsyncIterator[Response]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: Context) -> AsyncIterator[Response]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except Exception as exc:
+            await _fail(context, exc, method.__name__)
+            raise
+
+    return wrapper
+
+
+class AgentService(pb_grpc.AgentServiceServicer):
+    def __init__(self, driver: Driver, relay: TrafficRelay) -> None:
+        self._driver = driver
+        self._relay = relay
+        self._shutting_down = False
+
+    def begin_shutdown(self) -> None:
+        """Open follow streams end with UNAVAILABLE instead of a clean end."""
+        self._shutting_down = True
+
+    def _check_not_shutting_down(self) -> None:
+        if self._shutting_down:
+            raise errors.Unavailable("the control plane is shutting down; retry shortly")
+
+    @_unary
+    async def CreateAgent(
+        self, request: pb.CreateAgentRequest, context: Context
+    ) -> pb.CreateAgentResponse:
+        self._check_not_shutting_down()
+        session_id = validate_session_id(request.session_id)
+        agent_id = validate_agent_id(request.agent_id) if request.agent_id else new_agent_id()
+        if len(request.env) > MAX_ENV_ENTRIES:
+            raise errors.InvalidArgument(f"at most {MAX_ENV_ENTRIES} environment variables")
+        for name, value in request.env.items():
+            validate_env_name(name)
+            if len(value.encode()) > MAX_ENV_VALUE_BYTES or "\x00" in value:
+                raise errors.InvalidArgument(
+                    f"environment variable {name} must be under {MAX_ENV_VALUE_BYTES} bytes "
+                    "without NUL characters"
+                )
+        for key, value in request.labels.items():
+            if len(key.split("/")[-1]) > 63 or not _LABEL_KEY.fullmatch(key):
+                raise errors.InvalidArgument(
+                    f"label key {key[:80]!r} is not a valid Kubernetes label key"
+                )
+            if len(value) > 63 or not _LABEL_VALUE.fullmatch(value):
+                raise errors.InvalidArgument(
+                    f"label value {value[:80]!r} for {key!r} is not a valid Kubernetes label value"
+                )
+        spec = AgentSpec(
+            agent_id=agent_id,
+            session_id=session_id,
+            env=dict(request.env),
+            labels=dict(request.labels),
+        )
+        info, created = await self._driver.create(spec)
+        return pb.CreateAgentResponse(agent=agent_to_pb(info), created=created)
+
+    @_unary
+    async def GetAgent(self, request: pb.GetAgentRequest, context: Context) -> pb.GetAgentResponse:
+        info = await self._driver.get(validate_agent_id(request.agent_id))
+        if request.session_id and info.spec.session_id != request.session_id:
+            raise errors.NotFound(
+                f"agent {request.agent_id!r} not found in session {request.session_id!r}"
+            )
+        return pb.GetAgentResponse(agent=agent_to_pb(info))
+
+    @_unary
+    async def ListAgents(
+        self, request: pb.ListAgentsRequest, context: Context
+    ) -> pb.ListAgentsResponse:
+        session_id = validate_session_id(request.session_id) if request.session_id else None
+        agents = await self._driver.list_agents(session_id)
+        return pb.ListAgentsResponse(agents=[agent_to_pb(info) for info in agents])
+
+    @_unary
+    async def DeleteAgent(
+        self, request: pb.DeleteAgentRequest, context: Context
+    ) -> pb.DeleteAgentResponse:
+        agent_id = validate_agent_id(request.agent_id)
+        if request.session_id:
+            info = await self._driver.get(agent_id)
+            if info.spec.session_id != request.session_id:
+                raise errors.NotFound(
+                    f"agent {agent_id!r} not found in session {request.session_id!r}"
+                )
+        info = await self._driver.delete(agent_id)
+        return pb.DeleteAgentResponse(agent=agent_to_pb(info))
+
+    @_unary
+    async def WaitAgent(
+        self, request: pb.WaitAgentRequest, context: Context
+    ) -> pb.WaitAgentResponse:
+        agent_id = validate_agent_id(request.agent_id)
+        wanted = STATE_FROM_PB.get(request.state, State.READY)
+        if request.state not in (pb.AGENT_STATE_UNSPECIFIED, *STATE_FROM_PB):
+            raise errors.InvalidArgument(f"unknown state {request.state}")
+        timeout = request.timeout.ToTimedelta() if request.HasField("timeout") else DEFAULT_WAIT
+        if not timedelta(0) <= timeout <= MAX_WAIT:
+            raise errors.InvalidArgument(f"timeout must be between 0s and {MAX_WAIT.seconds}s")
+
+        async def wait() -> pb.WaitAgentResponse:
+            async for info in self._driver.watch(agent_id):
+                if info.state is wanted:
+                    return pb.WaitAgentResponse(agent=agent_to_pb(info))
+                if info.state is State.FAILED:
+                    raise errors.FailedPrecondition(
+                        f"agent {agent_id!r} failed ({info.reason}): {info.message}",
+                        reason=info.reason,
+                    )
+                if info.state is State.DELETED:
+                    raise errors.NotFound(f"agent {agent_id!r} was deleted while waiting")
+            raise errors.Unavailable("the control plane is shutting down; retry shortly")
+
+        try:
+            return await asyncio.wait_for(wait(), timeout.total_seconds())
+        except TimeoutError:
+            info = await self._driver.get(agent_id)
+            raise errors.DeadlineExceeded(
+                f"agent {agent_id!r} is still {info.state.value} after "
+                f"{timeout.total_seconds():g}s" + (f": {info.message}" if info.message else "")
+            ) from None
+
+    @_streaming
+    async def WatchAgent(
+        self, request: pb.WatchAgentRequest, context: Context
+    ) -> AsyncIterator[pb.WatchAgentResponse]:
+        agent_id = validate_agent_id(request.agent_id)
+        last = None
+        async for info in self._driver.watch(agent_id):
+            last = info
+            yield pb.WatchAgentResponse(agent=agent_to_pb(info))
+        if last is None or last.state is not State.DELETED:
+            self._check_not_shutting_down()
+
+    @_streaming
+    async def StreamLogs(
+        self, request: pb.StreamLogsRequest, context: Context
+    ) -> AsyncIterator[pb.StreamLogsResponse]:
+        agent_id = validate_agent_id(request.agent_id)
+        if request.HasField("since") and request.HasField("since_time"):
+            raise errors.InvalidArgument("give at most one of since and since_time")
+        since_time = None
+        if request.HasField("since"):
+            since = request.since.ToTimedelta()
+            if since <= timedelta(0):
+                raise errors.InvalidArgument("since must be a positive duration")
+            since_time = datetime.now(UTC) - since
+        elif request.HasField("since_time"):
+            since_time = request.since_time.ToDatetime(tzinfo=UTC)
+        if request.HasField("limit_bytes") and request.limit_bytes <= 0:
+            raise errors.InvalidArgument("limit_bytes must be positive")
+        options = LogOptions(
+            follow=request.follow,
+            tail_lines=request.tail_lines
+            if request.HasField("tail_lines") and request.tail_lines >= 0
+            else None,
+            since_time=since_time,
+            timestamps=request.timestamps,
+            previous=request.previous,
+            limit_bytes=request.limit_bytes if request.HasField("limit_bytes") else None,
+        )
+        async for item in self._driver.logs(agent_id, options):
+            if isinstance(item, StreamEnd):
+                yield pb.StreamLogsResponse(
+                    end=pb.StreamEnd(reason=item.reason, message=item.message)
+                )
+                return
+            yield pb.StreamLogsResponse(data=item)
+        if options.follow:
+            self._check_not_shutting_down()
+
+    @_streaming
+    async def ProxyHTTP(
+        self, request_iterator: AsyncIterator[pb.ProxyHTTPRequest], context: Context
+    ) -> AsyncIterator[pb.ProxyHTTPResponse]:
+        async for message in self._relay.relay(request_iterator):
+            yield message
