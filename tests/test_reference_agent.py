@@ -7,6 +7,8 @@ is read back from its start-up log line) and kills it in teardown.
 from __future__ import annotations
 
 import asyncio
+import io
+import itertools
 import json
 import os
 import re
@@ -311,7 +313,8 @@ async def test_unknown_route_gives_problem_document(
 async def test_upload_stores_file_under_uploads(
     agent: RunningAgent, http: aiohttp.ClientSession
 ) -> None:
-    form = aiohttp.FormData()
+    # Sent unquoted, the way curl sends it, so the agent sees the slashes.
+    form = aiohttp.FormData(quote_fields=False)
     form.add_field("file", b"print('hi')\n", filename="../../escape.py")
 
     async with http.post(f"{agent.url}/upload", data=form) as response:
@@ -322,7 +325,7 @@ async def test_upload_stores_file_under_uploads(
     stored = Path(body["filePath"])
     assert stored.name == "escape.py"
     assert stored.is_relative_to(agent.workdir.resolve() / "uploads")
-    assert stored.read_bytes() == b"print('hi')\n"
+    assert await asyncio.to_thread(stored.read_bytes) == b"print('hi')\n"
 
 
 async def test_upload_without_file_or_too_large_is_rejected(
@@ -332,12 +335,12 @@ async def test_upload_without_file_or_too_large_is_rejected(
         assert_problem(response.status, await response.json(content_type=None), 400)
 
     form = aiohttp.FormData()
-    form.add_field("other", "value")
+    form.add_field("attachment", b"misnamed", filename="x.txt")
     async with http.post(f"{agent.url}/upload", data=form) as response:
         assert_problem(response.status, await response.json(content_type=None), 422)
 
     form = aiohttp.FormData()
-    form.add_field("file", b"x" * (10 * 1024 * 1024 + 1), filename="big.bin")
+    form.add_field("file", io.BytesIO(b"x" * (10 * 1024 * 1024 + 1)), filename="big.bin")
     async with http.post(f"{agent.url}/upload", data=form) as response:
         assert_problem(response.status, await response.json(content_type=None), 413)
     assert not list((agent.workdir / "uploads").glob("*/big.bin"))
@@ -370,9 +373,7 @@ async def test_local_hosts_are_accepted_with_or_without_port(
     assert status == 200, body
 
 
-async def test_probes_skip_the_host_check(
-    agent: RunningAgent, http: aiohttp.ClientSession
-) -> None:
+async def test_probes_skip_the_host_check(agent: RunningAgent, http: aiohttp.ClientSession) -> None:
     pod_ip = {"Host": "10.1.2.3:3284"}
 
     assert await get_json(http, f"{agent.url}/health", headers=pod_ip) == (200, {"ok": True})
@@ -456,7 +457,7 @@ async def test_events_rebuild_state_then_stream_changes(
             parse_time(data["time"])
             growth.append(data["message"])
         assert len(growth) >= 2, growth
-        assert all(a != b and b.startswith(a) for a, b in zip(growth, growth[1:], strict=False))
+        assert all(a != b and b.startswith(a) for a, b in itertools.pairwise(growth))
         assert growth[-1] == "echo: second"
 
         # Still open: the next message comes through the same stream.
@@ -466,3 +467,124 @@ async def test_events_rebuild_state_then_stream_changes(
 
     _, listing = await get_json(http, f"{agent.url}/messages")
     assert listing["messages"][3]["content"] == "echo: second"
+
+
+async def test_quiet_stream_gets_keepalive_comments(
+    launcher: Launcher, http: aiohttp.ClientSession
+) -> None:
+    agent = await launcher.start("--sse-keepalive", "0.1")
+
+    async with http.get(f"{agent.url}/events") as response:
+        events = SseReader(response)
+        assert (await events.next_event())[0] == "status_change"
+
+        block = await events.next_block()
+
+    assert block is not None and block.startswith(":"), block
+
+
+async def read_answer(events: SseReader) -> list[tuple[str, dict[str, Any]]]:
+    """Events up to and including the next status_change to stable."""
+    seen: list[tuple[str, dict[str, Any]]] = []
+    while True:
+        name, data = await events.next_event()
+        seen.append((name, data))
+        if (name, data.get("status")) == ("status_change", "stable"):
+            return seen
+
+
+async def test_every_subscriber_gets_every_event(
+    agent: RunningAgent, http: aiohttp.ClientSession
+) -> None:
+    async with (
+        http.get(f"{agent.url}/events") as first,
+        http.get(f"{agent.url}/events") as second,
+    ):
+        readers = [SseReader(first), SseReader(second)]
+        for reader in readers:
+            assert (await reader.next_event())[0] == "status_change"
+
+        await post_message(http, agent, "to both")
+        answers = [await read_answer(reader) for reader in readers]
+
+    assert answers[0] == answers[1]
+    assert answers[0][-2][1]["message"] == "echo: to both"
+
+
+async def test_slow_subscriber_is_dropped_without_stalling_others(
+    launcher: Launcher, http: aiohttp.ClientSession
+) -> None:
+    agent = await launcher.start("--sse-queue-size", "4", "--step-delay", "0")
+    loop = asyncio.get_running_loop()
+
+    # A subscriber that never reads, with a tiny receive window so the agent's
+    # writes to it back up quickly.
+    slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.setblocking(False)
+    try:
+        await loop.sock_connect(slow, ("127.0.0.1", agent.port))
+        request = b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
+        await loop.sock_sendall(slow, request)
+
+        async with http.get(f"{agent.url}/events") as response:
+            fast = SseReader(response)
+            assert (await fast.next_event())[0] == "status_change"
+
+            # Large answers until the agent gives up on the slow one (bounded).
+            big = "x" * 256 * 1024
+            dropped = False
+            for _ in range(40):
+                assert await post_message(http, agent, big) == (200, {"ok": True})
+                answer = await read_answer(fast)
+                assert answer[-2][1]["message"] == f"echo: {big}"
+                if any("dropped a slow SSE subscriber" in line for line in agent.lines):
+                    dropped = True
+                    break
+            assert dropped, "the slow subscriber was never dropped"
+
+            # The fast stream is still open and current.
+            assert await post_message(http, agent, "after") == (200, {"ok": True})
+            answer = await read_answer(fast)
+            assert answer[-2][1]["message"] == "echo: after"
+
+        # The slow connection was closed by the agent: draining it reaches the end.
+        received = 0
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                try:
+                    chunk = await loop.sock_recv(slow, 1 << 20)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                received += len(chunk)
+                assert received < 200 * 1024 * 1024, "slow stream never ended"
+    finally:
+        slow.close()
+
+
+async def test_sigterm_ends_streams_and_exits_zero(
+    launcher: Launcher, http: aiohttp.ClientSession
+) -> None:
+    # A slow answer is still being written when the signal arrives.
+    agent = await launcher.start("--step-delay", "10")
+
+    async with http.get(f"{agent.url}/events") as response:
+        events = SseReader(response)
+        assert (await events.next_event())[0] == "status_change"
+        await post_message(http, agent, "never finished")
+        assert (await events.next_event())[1]["message"] == "never finished"
+
+        agent.process.send_signal(signal.SIGTERM)
+
+        # A clean end of the chunked stream, not a cut connection.
+        while (block := await events.next_block()) is not None:
+            assert not block.startswith('event: status_change\ndata: {"status":"stable"'), (
+                "the answer was not supposed to finish"
+            )
+
+    async with asyncio.timeout(DEADLINE):
+        assert await agent.process.wait() == 0
+    await agent.wait_for_line(r"received SIGTERM, shutting down")
+    await agent.wait_for_line(r"reference agent stopped")

@@ -391,7 +391,9 @@ class Conversation:
                 )
 
 
-def _problem_response(status: int, detail: str, errors: Sequence[ProblemItem] = ()) -> web.Response:
+def _problem_response(
+    status: int, detail: str, *, errors: Sequence[ProblemItem] = ()
+) -> web.Response:
     try:
         title = HTTPStatus(status).phrase
     except ValueError:
@@ -406,7 +408,7 @@ async def _problem_middleware(request: web.Request, handler: Handler) -> web.Str
     try:
         return await handler(request)
     except HttpProblem as problem:
-        return _problem_response(problem.status, problem.message, problem.errors)
+        return _problem_response(problem.status, problem.message, errors=problem.errors)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -453,7 +455,7 @@ def _parse_message_request(body: object) -> tuple[str, Literal["user", "raw"]]:
     return content, "user" if kind == "user" else "raw"
 
 
-def _store_upload(upload_dir: Path, filename: str, data: bytes) -> Path:
+def _store_upload(upload_dir: Path, *, filename: str, data: bytes) -> Path:
     """Write ``data`` as ``upload_dir/<digest>/<basename of filename>``; blocking."""
     name = PurePosixPath(filename.replace("\\", "/")).name
     if name in ("", ".", ".."):
@@ -569,7 +571,7 @@ class ReferenceAgent:
                     continue
                 data = await self._read_upload(part)
                 path = await asyncio.to_thread(
-                    _store_upload, self._upload_dir, part.filename or "", data
+                    _store_upload, self._upload_dir, filename=part.filename or "", data=data
                 )
                 logger.info("stored upload %s (%d bytes)", path, len(data))
                 return web.json_response({"ok": True, "filePath": str(path)})

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Sets up .venv and buf, then runs every check: generated code, buf lint and
+# breaking, ruff, mypy, and the test suite. Extra arguments go to pytest.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash scripts/setup.sh test
+if [ ! -x node_modules/.bin/buf ]; then
+  npm ci --silent --no-audit --no-fund
+fi
+py=.venv/bin/python
+
+echo "== buf lint"
+$py tools/protogen.py vendor
+node_modules/.bin/buf lint
+
+echo "== ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+
+echo "== mypy"
+.venv/bin/mypy
+
+echo "== pytest"
+exec .venv/bin/pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,3 @@
+from agentapi_proxy.cli import main
+
+main()
