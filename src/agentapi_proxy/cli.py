@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from agentapi_proxy import logconfig
-from agentapi_proxy.settings import Settings, SettingsError, load_settings
+from agentapi_proxy.settings import Settings, SettingsError, load_settings, unknown_env_names
 
 logger = logging.getLogger("agentapi_proxy")
 
@@ -39,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"agentapi-proxy: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     logconfig.configure(settings.log)
+    for name in unknown_env_names():
+        logger.warning("environment variable %s names no setting and is ignored", name)
 
     try:
         asyncio.run(

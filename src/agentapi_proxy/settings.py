@@ -204,18 +204,28 @@ def load_settings(
 
 def _env_values(environ: Mapping[str, str]) -> dict[str, tuple[tuple[str, ...], str]]:
     names = env_names()
-    values: dict[str, tuple[tuple[str, ...], str]] = {}
-    for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_ENV:
-            continue
-        path = names.get(name.upper())
-        if path is None:
-            raise SettingsError(
-                f"unknown setting in environment variable {name}: known variables are "
-                + ", ".join(sorted(n for n in names if "__" not in n))
-            )
-        values[name] = (path, value)
-    return values
+    return {
+        name: (names[name.upper()], value)
+        for name, value in environ.items()
+        if name.upper() in names
+    }
+
+
+def unknown_env_names(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``AGENTAPI_`` variables that name no setting (typos, or another program's own).
+
+    Not an error: real agentapi reads ``AGENTAPI_ALLOWED_HOSTS`` and friends from
+    the same environment, so the caller warns instead.
+    """
+    environ = os.environ if environ is None else environ
+    names = env_names()
+    return sorted(
+        name
+        for name in environ
+        if name.upper().startswith(ENV_PREFIX)
+        and name.upper() not in names
+        and name != CONFIG_FILE_ENV
+    )
 
 
 def _read_file(path: Path) -> dict[str, Any]:
