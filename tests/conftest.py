@@ -13,7 +13,7 @@ from tests.harness import ProxyProcess, running_proxy, stub
 @pytest.fixture
 def proxy(tmp_path: Path) -> Iterator[ProxyProcess]:
     """A real ``agentapi-proxy serve`` on ephemeral ports with the reference agent."""
-    with running_proxy(tmp_path) as running:
+    with running_proxy(tmp_path, command="control-plane") as running:
         yield running
 
 

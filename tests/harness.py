@@ -35,7 +35,9 @@ def free_port_range(size: int = 200) -> str:
 
 
 def port_is_free(port: int) -> bool:
+    """Whether a server (with SO_REUSEADDR, as they all use) could listen on the port now."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -62,8 +64,11 @@ def group_members(pgid: int) -> list[int]:
 class ProxyProcess:
     """One ``agentapi-proxy serve`` process with its own state directory."""
 
-    def __init__(self, state_dir: Path, *, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, state_dir: Path, *, env: Mapping[str, str] | None = None, command: str = "serve"
+    ) -> None:
         self.state_dir = state_dir
+        self.command = command
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("AGENTAPI_")},
             "AGENTAPI_STATE_DIR": str(state_dir),
@@ -80,7 +85,8 @@ class ProxyProcess:
         self.http_port = 0
         self._seen = threading.Condition()
 
-    def start(self, *, timeout: float = 30.0, command: str = "serve") -> ProxyProcess:
+    def start(self, *, timeout: float = 30.0) -> ProxyProcess:
+        command = self.command
         self.lines = []
         self.grpc_port = self.http_port = 0
         self.proc = subprocess.Popen(
@@ -107,14 +113,15 @@ class ProxyProcess:
 
     def _read(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stderr is not None
-        for line in proc.stderr:
-            with self._seen:
-                self.lines.append(line)
-                for kind, pattern in _LISTEN_LINE.items():
-                    match = pattern.search(line)
-                    if match:
-                        setattr(self, f"{kind}_port", int(match[2]))
-                self._seen.notify_all()
+        with proc.stderr:
+            for line in proc.stderr:
+                with self._seen:
+                    self.lines.append(line)
+                    for kind, pattern in _LISTEN_LINE.items():
+                        match = pattern.search(line)
+                        if match:
+                            setattr(self, f"{kind}_port", int(match[2]))
+                    self._seen.notify_all()
 
     @property
     def grpc_target(self) -> str:
@@ -156,8 +163,10 @@ class ProxyProcess:
 
 
 @contextlib.contextmanager
-def running_proxy(state_dir: Path, *, env: Mapping[str, str] | None = None) -> Iterator[ProxyProcess]:
-    proxy = ProxyProcess(state_dir, env=env)
+def running_proxy(
+    state_dir: Path, *, env: Mapping[str, str] | None = None, command: str = "serve"
+) -> Iterator[ProxyProcess]:
+    proxy = ProxyProcess(state_dir, env=env, command=command)
     try:
         yield proxy.start()
     finally:

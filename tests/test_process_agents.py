@@ -73,7 +73,9 @@ class TestLifecycle:
         assert group_members(pgid) == []
         assert port_is_free(port)
         assert not (proxy.state_dir / "agents" / "a1").exists()
-        await expect_code(client.GetAgent(pb.GetAgentRequest(agent_id="a1")), grpc.StatusCode.NOT_FOUND)
+        await expect_code(
+            client.GetAgent(pb.GetAgentRequest(agent_id="a1")), grpc.StatusCode.NOT_FOUND
+        )
         await expect_code(
             client.DeleteAgent(pb.DeleteAgentRequest(agent_id="a1")), grpc.StatusCode.NOT_FOUND
         )
@@ -154,9 +156,7 @@ class TestBadInput:
             pb.StreamLogsRequest(agent_id="opts", limit_bytes=0),
             pb.StreamLogsRequest(agent_id="opts", since=Duration(seconds=-1)),
         ):
-            await expect_code(
-                _drain(client.StreamLogs(request)), grpc.StatusCode.INVALID_ARGUMENT
-            )
+            await expect_code(_drain(client.StreamLogs(request)), grpc.StatusCode.INVALID_ARGUMENT)
         await expect_code(
             _drain(client.StreamLogs(pb.StreamLogsRequest(agent_id="opts", previous=True))),
             grpc.StatusCode.FAILED_PRECONDITION,
@@ -174,7 +174,9 @@ async def _drain(call: grpc.aio.UnaryStreamCall) -> list[object]:  # type: ignor
 class TestFailures:
     async def test_crashing_agent_reports_exit_code_and_log_tail(self, tmp_path: Path) -> None:
         command = "sh -c 'echo starting; echo boom >&2; exit 3'"
-        with running_proxy(tmp_path, env={"AGENTAPI_PROCESS_COMMAND": command}) as proxy:
+        with running_proxy(
+            tmp_path, env={"AGENTAPI_PROCESS_COMMAND": command}, command="control-plane"
+        ) as proxy:
             channel, agents = stub(proxy.grpc_target)
             async with channel:
                 await agents.CreateAgent(pb.CreateAgentRequest(session_id="s", agent_id="crash"))
@@ -190,7 +192,7 @@ class TestFailures:
 
     async def test_missing_agent_command_is_a_failed_precondition(self, tmp_path: Path) -> None:
         env = {"AGENTAPI_PROCESS_COMMAND": "no-such-agentapi-binary server --port {port}"}
-        with running_proxy(tmp_path, env=env) as proxy:
+        with running_proxy(tmp_path, env=env, command="control-plane") as proxy:
             channel, agents = stub(proxy.grpc_target)
             async with channel:
                 error = await expect_code(
@@ -201,7 +203,7 @@ class TestFailures:
                 assert proxy.agent_records() == []
 
     async def test_restart_after_kill_9_finds_and_controls_agents(self, tmp_path: Path) -> None:
-        with running_proxy(tmp_path) as proxy:
+        with running_proxy(tmp_path, command="control-plane") as proxy:
             channel, agents = stub(proxy.grpc_target)
             async with channel:
                 for agent_id in ("keep1", "keep2"):
@@ -225,7 +227,7 @@ class TestFailures:
     async def test_agent_that_died_while_control_plane_was_down_is_failed(
         self, tmp_path: Path
     ) -> None:
-        with running_proxy(tmp_path) as proxy:
+        with running_proxy(tmp_path, command="control-plane") as proxy:
             channel, agents = stub(proxy.grpc_target)
             async with channel:
                 await create_ready(agents, "dies")

@@ -56,7 +56,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 async def _run(settings: Settings, *, control_plane: bool, gateway: bool) -> None:
-    from agentapi_gateway.app import create_app
     from aiohttp import web
 
     from agentapi_proxy.server import ControlPlane
@@ -78,6 +77,8 @@ async def _run(settings: Settings, *, control_plane: bool, gateway: bool) -> Non
                 host = "127.0.0.1"
             gateway_settings = replace(gateway_settings, control_plane=f"{host}:{port}")
         if gateway:
+            from agentapi_gateway.app import create_app
+
             runner = web.AppRunner(
                 create_app(gateway_settings),
                 handle_signals=False,

@@ -577,7 +577,9 @@ def _process_identity(pid: int | None) -> int | None:
 
 
 def _port_is_free(port: int) -> bool:
+    """Whether a server could listen on the port now (connections in TIME_WAIT do not count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
