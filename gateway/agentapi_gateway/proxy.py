@@ -1,0 +1,188 @@
+"""The streaming proxy: one HTTP exchange with an agent over one ProxyHTTP stream.
+
+The request goes out as a head (method, raw path, raw query, end-to-end
+headers) and then body chunks of at most 64 KiB as they are read from the
+client; the response comes back as a head and body chunks, each written
+to the client as it arrives, so SSE flows event by event and no body is
+ever held whole in memory. gRPC's message size limit never applies to a
+body, only to one chunk.
+
+Before the agent's head arrives a failure is answered with its mapped
+status (404 unknown agent, 503 agent or control plane unreachable). After
+it, the status line is gone: the connection is closed without finishing
+the body, so the client sees a truncated response rather than a clean end.
+
+The path after ``/agents/{agent_id}/proxy`` is forwarded exactly as the
+client sent it, still percent-encoded. Dot-segments are refused here and
+again by the control plane, which owns the final check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Final, TypeAlias
+from urllib.parse import unquote
+
+import grpc
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from agentapi_proxy.errors import AgentApiError, InvalidArgument
+from agentapi_proxy.v1 import agent_service_pb2 as pb
+
+from agentapi_gateway.errors import (
+    ErrorStatus,
+    error_response,
+    status_from_project_error,
+    status_from_rpc_error,
+)
+from agentapi_gateway.handlers import STREAM_HEADERS, ControlPlaneLookup, Handler
+from agentapi_gateway.headers import agent_request_headers, client_response_headers
+from agentapi_gateway.headers import credential_metadata
+from agentapi_gateway.routes import HttpBinding
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BYTES: Final = 64 * 1024
+
+ProxyCall: TypeAlias = "grpc.aio.StreamStreamCall[pb.ProxyHTTPRequest, pb.ProxyHTTPResponse]"
+
+
+def proxy_handler(binding: HttpBinding, *, control_plane: ControlPlaneLookup) -> Handler:
+    """A handler that carries any request under ``binding``'s path to the agent.
+
+    Raises ValueError (at start-up) when the binding's template has no
+    trailing ``**`` or no ``agent_id`` variable.
+    """
+    tail_index = binding.path.tail_index
+    if tail_index is None:
+        raise ValueError(f"{binding.path.template}: a proxy route must end in '**'")
+    if not any(v.field_path == "agent_id" for v in binding.path.variables):
+        raise ValueError(f"{binding.path.template}: a proxy route needs an {{agent_id}} variable")
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            head = request_head(request, binding, tail_index=tail_index)
+            metadata = credential_metadata(request.headers.items())
+        except AgentApiError as exc:
+            return error_response(status_from_project_error(exc))
+
+        plane = control_plane(request)
+        call: ProxyCall = plane.rpc(binding.rpc_name)(metadata=metadata, wait_for_ready=False)
+        with plane.streaming(call):
+            sender = asyncio.create_task(_send_request(call, head, request))
+            try:
+                return await _relay_response(request, call, agent_id=head.agent_id)
+            finally:
+                sender.cancel()
+                # The sender swallows its own failures; this only waits for it to stop.
+                await asyncio.wait([sender])
+
+    return handle
+
+
+def request_head(request: web.Request, binding: HttpBinding, *, tail_index: int) -> pb.HTTPRequestHead:
+    """The ProxyHTTP request head for ``request``; raises InvalidArgument."""
+    agent_id = binding.path.field_values(dict(request.match_info)).get("agent_id", "")
+    return pb.HTTPRequestHead(
+        agent_id=agent_id,
+        method=request.method,
+        path=agent_path(request.raw_path, tail_index=tail_index),
+        query=request.rel_url.raw_query_string,
+        headers=[
+            pb.HTTPHeader(name=name, value=value)
+            for name, value in agent_request_headers(
+                request.headers.items(), client_address=request.remote, scheme=request.scheme
+            )
+        ],
+    )
+
+
+def agent_path(raw_target: str, *, tail_index: int) -> str:
+    """The still-encoded path the agent sees: "/" plus the segments after ``tail_index``.
+
+    ``raw_target`` is the request target as sent (origin-form, query allowed).
+    Raises InvalidArgument for another form, a dot-segment in any encoding, an
+    empty first segment ("//host" reads as a network path) or a backslash.
+    """
+    if not raw_target.startswith("/"):
+        raise InvalidArgument("the request target must be a path starting with '/'")
+    raw_path = raw_target.split("?", 1)[0].split("#", 1)[0]
+    segments = raw_path[1:].split("/")[tail_index:]
+    for segment in segments:
+        decoded = unquote(unquote(segment))
+        if decoded in {".", ".."}:
+            raise InvalidArgument(f"the proxied path {raw_path[:200]!r} has a dot-segment")
+        if "\\" in segment:
+            raise InvalidArgument(f"the proxied path {raw_path[:200]!r} has a backslash")
+    if len(segments) > 1 and segments[0] == "":
+        raise InvalidArgument(f"the proxied path {raw_path[:200]!r} starts with '//'")
+    return "/" + "/".join(segments)
+
+
+async def _send_request(call: ProxyCall, head: pb.HTTPRequestHead, request: web.Request) -> None:
+    """Write the head, the body in chunks as the client sends it, then end the request side."""
+    try:
+        await call.write(pb.ProxyHTTPRequest(head=head))
+        async for chunk in request.content.iter_chunked(CHUNK_BYTES):
+            await call.write(pb.ProxyHTTPRequest(body=chunk))
+        await call.done_writing()
+    except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+        # The call ended (the agent answered early, or it failed): the
+        # response side reports the outcome.
+        return
+    except (ConnectionError, HttpProcessingError) as exc:
+        logger.info("agent %s: client broke off its request body: %s", head.agent_id, exc)
+        call.cancel()
+
+
+async def _relay_response(
+    request: web.Request, call: ProxyCall, *, agent_id: str
+) -> web.StreamResponse:
+    try:
+        first = await call.read()
+    except grpc.aio.AioRpcError as exc:
+        return error_response(status_from_rpc_error(exc))
+    if first is grpc.aio.EOF or first.WhichOneof("frame") != "head":
+        return error_response(
+            ErrorStatus(grpc.StatusCode.INTERNAL, "the control plane sent no response head")
+        )
+    head = first.head
+    if not 100 <= head.status <= 599:
+        return error_response(
+            ErrorStatus(
+                grpc.StatusCode.INTERNAL, f"the agent answered an invalid status {head.status}"
+            )
+        )
+
+    headers = client_response_headers((h.name, h.value) for h in head.headers)
+    headers.setdefault("X-Accel-Buffering", STREAM_HEADERS["X-Accel-Buffering"])
+    response = web.StreamResponse(status=head.status, headers=headers)
+    try:
+        await response.prepare(request)
+        while (message := await call.read()) is not grpc.aio.EOF:
+            if message.WhichOneof("frame") != "body":
+                logger.warning("agent %s: control plane sent a second response head", agent_id)
+                _break_off(request)
+                return response
+            if message.body:
+                await response.write(message.body)
+        await response.write_eof()
+    except grpc.aio.AioRpcError as exc:
+        logger.info(
+            "agent %s: response broken off after its head: %s %s",
+            agent_id,
+            exc.code().name,
+            exc.details(),
+        )
+        _break_off(request)
+    except ConnectionError:
+        logger.debug("agent %s: client left during the response", agent_id)
+    return response
+
+
+def _break_off(request: web.Request) -> None:
+    """Close the client connection mid-body: the only way left to say "this failed"."""
+    if request.transport is not None:
+        request.transport.close()
