@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentapi_proxy.v1 import agent_service_pb2_grpc as pb_grpc
@@ -29,6 +30,21 @@ _CHANNEL_OPTIONS: Final = (
 # The whole server's health (grpc_health's HealthServicer answers it by default).
 HEALTH_SERVICE: Final = ""
 HEALTH_TIMEOUT_SECONDS: Final = 2.0
+# What read() returns at the end of a stream (grpc-stubs does not declare it).
+_END_OF_STREAM: Final[object] = grpc.aio.EOF  # type: ignore[attr-defined]
+
+M = TypeVar("M", bound=Message)
+
+
+async def next_message(
+    call: grpc.aio.UnaryStreamCall[Any, M] | grpc.aio.StreamStreamCall[Any, M],
+) -> M | None:
+    """The next response message of a streaming call, or None at its end.
+
+    Raises grpc.aio.AioRpcError when the call failed.
+    """
+    reply = await call.read()
+    return None if reply is _END_OF_STREAM else cast(M, reply)
 
 
 class ControlPlane:
@@ -41,7 +57,7 @@ class ControlPlane:
     def __init__(self, address: str) -> None:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        self.stub = pb_grpc.AgentServiceStub(self.channel)
+        self.stub = pb_grpc.AgentServiceStub(self.channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._open_streams: set[grpc.aio.Call] = set()
 

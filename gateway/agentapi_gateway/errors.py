@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -126,7 +126,9 @@ def status_from_rpc_error(error: grpc.aio.AioRpcError) -> ErrorStatus:
     code = error.code()
     message = error.details() or f"the control plane answered {code.name}"
     retry_after: float | None = None
-    for key, value in error.trailing_metadata() or ():
+    # grpc.aio.Metadata at run time; either way iteration yields (key, value) pairs.
+    pairs: Iterable[tuple[str, str | bytes]] = error.trailing_metadata() or ()  # type: ignore[assignment]
+    for key, value in pairs:
         if key == RETRY_AFTER_METADATA and isinstance(value, str):
             try:
                 retry_after = float(value)

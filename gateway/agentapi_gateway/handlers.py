@@ -28,9 +28,7 @@ from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
-from agentapi_proxy.errors import AgentApiError, InvalidArgument, ResourceExhausted
-
-from agentapi_gateway.control_plane import ControlPlane
+from agentapi_gateway.control_plane import ControlPlane, next_message
 from agentapi_gateway.errors import (
     ErrorStatus,
     error_response,
@@ -40,6 +38,7 @@ from agentapi_gateway.errors import (
 from agentapi_gateway.headers import credential_metadata
 from agentapi_gateway.routes import HttpBinding
 from agentapi_gateway.transcode import build_request, message_to_json
+from agentapi_proxy.errors import AgentApiError, InvalidArgument, ResourceExhausted
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +97,9 @@ def server_stream_handler(
         call = plane.rpc(binding.rpc_name)(message, metadata=metadata, wait_for_ready=False)
         with plane.streaming(call):
             try:
-                first = await _first_message(call)
+                # A call that ended before it began failed (or was empty): read it now,
+                # while the HTTP status can still say so.
+                opened = [await next_message(call)] if await _ended_at_start(call) else []
             except grpc.aio.AioRpcError as exc:
                 return error_response(status_from_rpc_error(exc))
 
@@ -108,11 +109,10 @@ def server_stream_handler(
             )
             await response.prepare(request)
             try:
-                # read() only: grpc.aio forbids mixing it with async iteration.
-                reply = first if first is not None else await call.read()
-                while reply is not grpc.aio.EOF:
+                reply = opened[0] if opened else await next_message(call)
+                while reply is not None:
                     await response.write(writer.message(reply))
-                    reply = await call.read()
+                    reply = await next_message(call)
             except grpc.aio.AioRpcError as exc:
                 logger.info(
                     "%s stream for %s ended with %s after it began",
@@ -185,17 +185,14 @@ async def read_json_body(request: web.Request, *, max_bytes: int) -> Any:
         raise InvalidArgument(f"the request body is not valid JSON: {exc}") from exc
 
 
-async def _first_message(call: grpc.aio.UnaryStreamCall[Message, Message]) -> Any:
-    """The first message if the call already ended, else None once it has begun.
+async def _ended_at_start(call: grpc.aio.UnaryStreamCall[Message, Message]) -> bool:
+    """Wait for the control plane's response headers; True if the call ended with them.
 
-    The control plane's response headers mean the request was accepted; if
-    they came with the call's end (a failure before any message), reading
-    now cannot block and raises the error while the HTTP status is still free.
+    Headers come with the first message, or earlier when the servicer sends
+    them on accepting the call; a call that fails at once ends with them.
     """
     await call.initial_metadata()
-    if call.done():
-        return await call.read()
-    return None
+    return call.done()
 
 
 def _wants_text(request: web.Request) -> bool:
@@ -204,7 +201,9 @@ def _wants_text(request: web.Request) -> bool:
         if requested not in {"text", "ndjson", "json"}:
             raise InvalidArgument(f"format={requested!r}: use text or ndjson")
         return requested == "text"
-    accepted = [part.split(";")[0].strip().lower() for part in request.headers.get("Accept", "").split(",")]
+    accepted = [
+        part.split(";")[0].strip().lower() for part in request.headers.get("Accept", "").split(",")
+    ]
     return "text/plain" in accepted and not {NDJSON, "application/json"} & set(accepted)
 
 

@@ -78,7 +78,9 @@ def agent_request_headers(
     Raises InvalidArgument for a value that cannot be encoded as UTF-8.
     """
     pairs = list(headers)
-    forwarded = [(name, value) for name, value in end_to_end(pairs) if name.lower() not in GATEWAY_ONLY]
+    forwarded = [
+        (name, value) for name, value in end_to_end(pairs) if name.lower() not in GATEWAY_ONLY
+    ]
     for name, value in forwarded:
         _check_encodable(name, value)
 

@@ -28,9 +28,7 @@ import grpc
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from agentapi_proxy.errors import AgentApiError, InvalidArgument
-from agentapi_proxy.v1 import agent_service_pb2 as pb
-
+from agentapi_gateway.control_plane import next_message
 from agentapi_gateway.errors import (
     ErrorStatus,
     error_response,
@@ -38,9 +36,14 @@ from agentapi_gateway.errors import (
     status_from_rpc_error,
 )
 from agentapi_gateway.handlers import STREAM_HEADERS, ControlPlaneLookup, Handler
-from agentapi_gateway.headers import agent_request_headers, client_response_headers
-from agentapi_gateway.headers import credential_metadata
+from agentapi_gateway.headers import (
+    agent_request_headers,
+    client_response_headers,
+    credential_metadata,
+)
 from agentapi_gateway.routes import HttpBinding
+from agentapi_proxy.errors import AgentApiError, InvalidArgument
+from agentapi_proxy.v1 import agent_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +85,9 @@ def proxy_handler(binding: HttpBinding, *, control_plane: ControlPlaneLookup) ->
     return handle
 
 
-def request_head(request: web.Request, binding: HttpBinding, *, tail_index: int) -> pb.HTTPRequestHead:
+def request_head(
+    request: web.Request, binding: HttpBinding, *, tail_index: int
+) -> pb.HTTPRequestHead:
     """The ProxyHTTP request head for ``request``; raises InvalidArgument."""
     agent_id = binding.path.field_values(dict(request.match_info)).get("agent_id", "")
     return pb.HTTPRequestHead(
@@ -141,10 +146,10 @@ async def _relay_response(
     request: web.Request, call: ProxyCall, *, agent_id: str
 ) -> web.StreamResponse:
     try:
-        first = await call.read()
+        first = await next_message(call)
     except grpc.aio.AioRpcError as exc:
         return error_response(status_from_rpc_error(exc))
-    if first is grpc.aio.EOF or first.WhichOneof("frame") != "head":
+    if first is None or first.WhichOneof("frame") != "head":
         return error_response(
             ErrorStatus(grpc.StatusCode.INTERNAL, "the control plane sent no response head")
         )
@@ -161,7 +166,7 @@ async def _relay_response(
     response = web.StreamResponse(status=head.status, headers=headers)
     try:
         await response.prepare(request)
-        while (message := await call.read()) is not grpc.aio.EOF:
+        while (message := await next_message(call)) is not None:
             if message.WhichOneof("frame") != "body":
                 logger.warning("agent %s: control plane sent a second response head", agent_id)
                 _break_off(request)

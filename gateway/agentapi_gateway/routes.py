@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from google.api import annotations_pb2, http_pb2
+from google.api import annotations_pb2, http_pb2  # type: ignore[import-untyped]
 from google.protobuf.descriptor import (
     Descriptor,
     FieldDescriptor,
@@ -176,7 +176,11 @@ def parse_template(template: str) -> PathTemplate:
             continue
         name = route_name(field_path)
         variables.append(PathVariable(name, field_path))
-        parts.append(f"{{{name}:{_segments_regex(pattern, template=template)}}}")
+        if pattern == ["*"]:
+            # aiohttp's own default pattern is one segment.
+            parts.append(f"{{{name}}}")
+        else:
+            parts.append(f"{{{name}:{_segments_regex(pattern, template=template)}}}")
 
     path = "/" + "/".join(parts)
     if verb:
@@ -214,14 +218,18 @@ def _binding(method: MethodDescriptor, rule: http_pb2.HttpRule) -> HttpBinding:
         raise ValueError(f"{method.full_name}: response_body is not supported by the gateway")
 
     path = parse_template(template)
-    for variable in path.variables:
-        _check_bindable(method, variable.field_path)
-    if rule.body and rule.body != "*":
-        _check_bindable(method, rule.body, allow_message=True)
+    # A client-streaming request is not built from the URL: the proxy reads its variables.
+    if not method.client_streaming:
+        for variable in path.variables:
+            _check_bindable(method, variable.field_path)
+        if rule.body and rule.body != "*":
+            _check_bindable(method, rule.body, allow_message=True)
     return HttpBinding(method, http_method, path, rule.body)
 
 
-def _check_bindable(method: MethodDescriptor, field_path: str, *, allow_message: bool = False) -> None:
+def _check_bindable(
+    method: MethodDescriptor, field_path: str, *, allow_message: bool = False
+) -> None:
     fields = resolve_field_path(method.input_type, field_path)
     leaf = fields[-1]
     if leaf.is_repeated and not allow_message:

@@ -21,7 +21,7 @@ Every problem raises InvalidArgument with a message naming the field.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -69,7 +69,7 @@ def build_request(
     Query parameters named in ``reserved_query`` belong to the gateway and
     are skipped. Raises InvalidArgument.
     """
-    descriptor = message_class.DESCRIPTOR
+    descriptor = cast(Descriptor, message_class.DESCRIPTOR)
     from_body = message_class()
     if body is not None and body_field:
         if body_field == "*":

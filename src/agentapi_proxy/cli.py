@@ -85,8 +85,8 @@ async def _run(settings: Settings, *, control_plane: bool, gateway: bool) -> Non
                 shutdown_timeout=settings.server.shutdown_grace_seconds,
             )
             await runner.setup()
-            host, port = settings.gateway.listen.rsplit(":", 1)
-            site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_port=False)
+            listen_host, listen_port = settings.gateway.listen.rsplit(":", 1)
+            site = web.TCPSite(runner, listen_host.strip("[]"), int(listen_port), reuse_port=False)
             try:
                 await site.start()
             except OSError as exc:

@@ -19,7 +19,7 @@ Following. Every follower of a file reads from its own offset at its own pace,
 so a slow one holds at most about two chunks and never delays the others or
 the agent. Followers of one path share one watcher task that stats the file
 every :data:`POLL_INTERVAL` seconds while anyone follows it and wakes them when
-it changed (or when their ``stopped`` event is set). Reads are bounded
+it changed; one more task per ``stopped`` event wakes them when it is set. Reads are bounded
 (:data:`READ_SIZE`) and made on the event loop: they hit a local file that was
 just written, so the page cache answers them in microseconds, and a thread hop
 per read would cost more than the read with hundreds of followers.
@@ -376,7 +376,11 @@ class _Follower:
 
 
 class _Watch:
-    """Stats one path while it has followers and wakes them when it changes."""
+    """Stats one path while it has followers and wakes them when it changes or they stop.
+
+    Followers usually share their ``stopped`` event (one per agent), so one
+    task per distinct event waits for it, instead of one per follower.
+    """
 
     def __init__(self, key: tuple[asyncio.AbstractEventLoop, Path]) -> None:
         self.key = key
@@ -385,7 +389,30 @@ class _Watch:
         # (device, inode) of the path at the last look; None when missing.
         self.identity: tuple[int, int] | None = None
         self._state = self._look()
-        self.task = asyncio.create_task(self._run(), name=f"log-watch {self.path}")
+        self._stop_waits: dict[asyncio.Event, tuple[asyncio.Task[None], int]] = {}
+        self._task = asyncio.create_task(self._poll(), name=f"log-watch {self.path}")
+
+    def add(self, follower: _Follower) -> None:
+        self.followers.add(follower)
+        stopped = follower.stopped
+        if stopped is not None:
+            task, users = self._stop_waits.get(stopped) or (None, 0)
+            if task is None:
+                task = asyncio.create_task(self._wake_on(stopped), name=f"log-stop {self.path}")
+            self._stop_waits[stopped] = task, users + 1
+
+    def remove(self, follower: _Follower) -> None:
+        self.followers.discard(follower)
+        stopped = follower.stopped
+        if stopped is not None:
+            task, users = self._stop_waits[stopped]
+            if users == 1:
+                task.cancel()
+                del self._stop_waits[stopped]
+            else:
+                self._stop_waits[stopped] = task, users - 1
+        if not self.followers:
+            self._task.cancel()
 
     def _look(self) -> tuple[int, int, int, int] | None:
         try:
@@ -397,15 +424,20 @@ class _Watch:
         self.identity = (stat.st_dev, stat.st_ino)
         return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
-    async def _run(self) -> None:
+    async def _poll(self) -> None:
         while True:
             await asyncio.sleep(POLL_INTERVAL)
             state = self._look()
-            changed = state != self._state
-            self._state = state
-            for follower in self.followers:
-                if changed or (follower.stopped is not None and follower.stopped.is_set()):
+            if state != self._state:
+                self._state = state
+                for follower in self.followers:
                     follower.wake.set()
+
+    async def _wake_on(self, stopped: asyncio.Event) -> None:
+        await stopped.wait()
+        for follower in self.followers:
+            if follower.stopped is stopped:
+                follower.wake.set()
 
 
 _watches: dict[tuple[asyncio.AbstractEventLoop, Path], _Watch] = {}
@@ -417,16 +449,14 @@ def _follow(path: Path, stopped: asyncio.Event | None) -> tuple[_Watch, _Followe
     if watch is None:
         watch = _watches[key] = _Watch(key)
     follower = _Follower(stopped)
-    watch.followers.add(follower)
+    watch.add(follower)
     return watch, follower
 
 
 def _unfollow(watch: _Watch, follower: _Follower) -> None:
-    watch.followers.discard(follower)
-    if not watch.followers:
-        watch.task.cancel()
-        if _watches.get(watch.key) is watch:
-            del _watches[watch.key]
+    watch.remove(follower)
+    if not watch.followers and _watches.get(watch.key) is watch:
+        del _watches[watch.key]
 
 
 def _replaced(cursor: _Cursor, watch: _Watch) -> bool:

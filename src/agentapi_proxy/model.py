@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -82,3 +83,5 @@ class Endpoint:
     # Host header the agent accepts (real agentapi only accepts localhost by default).
     host: str
     headers: Mapping[str, str] = field(default_factory=dict)
+    # TLS settings for the connection; None means plain HTTP or default verification.
+    ssl: ssl.SSLContext | None = None

@@ -30,9 +30,24 @@ SERVER_OPTIONS = [
 
 
 def make_driver(settings: Settings, board: StateBoard) -> Driver:
+    """The driver the settings ask for.
+
+    Raises SettingsError when switching modes would orphan agents.
+    """
     if settings.provision_mode.enabled:
-        raise SettingsError(
-            "provision_mode.enabled is true, but this build has no StatefulSet driver yet"
+        leftovers = sorted(p.parent.name for p in settings.state_path.glob("agents/*/record.json"))
+        if leftovers:
+            raise SettingsError(
+                "provision mode is enabled, but local agents of legacy mode still run: "
+                + ", ".join(leftovers)
+                + ". Delete them first (start with AGENTAPI_PROVISION_MODE_ENABLED=false and "
+                "call DeleteAgent for each), then enable provision mode again"
+            )
+        from agentapi_proxy.drivers.statefulset import StatefulSetDriver, load_kube_configuration
+
+        configuration, in_cluster = load_kube_configuration(settings.provision_mode.kubeconfig)
+        return StatefulSetDriver(
+            settings, board=board, configuration=configuration, in_cluster=in_cluster
         )
     from agentapi_proxy.drivers.process import ProcessDriver
 

@@ -149,6 +149,7 @@ class TrafficRelay:
                 headers=headers,
                 data=_body(requests) if has_body else None,
                 allow_redirects=False,
+                ssl=endpoint.ssl if endpoint.ssl is not None else True,
             ) as response:
                 yield pb.ProxyHTTPResponse(
                     head=pb.HTTPResponseHead(
