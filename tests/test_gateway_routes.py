@@ -467,6 +467,12 @@ def _pattern(offset: int, size: int) -> bytes:
     return bytes((offset + i) % 251 for i in range(size))
 
 
+async def _pieces(data: bytes, size: int) -> AsyncIterator[bytes]:
+    """A request body the client sends chunked, as a browser upload would."""
+    for offset in range(0, len(data), size):
+        yield data[offset : offset + size]
+
+
 @dataclass
 class Live:
     url: str
@@ -679,7 +685,9 @@ async def test_proxy_sse_events_arrive_one_by_one(live: Live) -> None:
 async def test_proxy_streams_5_mib_up_and_6_mib_down_in_chunks(live: Live) -> None:
     upload = _pattern(7, 5 * 1024 * 1024)
     async with asyncio.timeout(DEADLINE):
-        async with live.session.post(f"{live.url}/agents/a1/proxy/echo", data=upload) as echo:
+        async with live.session.post(
+            f"{live.url}/agents/a1/proxy/echo", data=_pieces(upload, 256 * 1024)
+        ) as echo:
             assert echo.status == 201
             echoed = await echo.read()
         async with live.session.get(f"{live.url}/agents/a1/proxy/big") as big:

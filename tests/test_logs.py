@@ -62,31 +62,51 @@ async def read_all(path: Path, options: LogOptions | None = None, **kwargs: obje
     return b"".join(chunks)
 
 
-async def until(condition: Callable[[], bool], what: str) -> None:
-    async with asyncio.timeout(DEADLINE):
-        while not condition():
-            await asyncio.sleep(0.01)
-    assert condition(), what
+def rotate(path: Path) -> None:
+    """What the control plane does when it restarts an agent."""
+    path.rename(path.with_name("previous.log"))
+
+
+def file_size(path: Path) -> int:
+    return path.stat().st_size
 
 
 class Follower:
     """Reads a followed log in a task, collecting what arrives."""
 
-    def __init__(self, path: Path, options: LogOptions, **kwargs: object) -> None:
-        self.stopped = asyncio.Event()
+    def __init__(
+        self,
+        path: Path,
+        options: LogOptions,
+        *,
+        stopped: asyncio.Event | None = None,
+        **kwargs: object,
+    ) -> None:
+        self.stopped = stopped or asyncio.Event()
         self.data = bytearray()
         self.chunks: list[bytes] = []
+        self._changed = asyncio.Event()
         self._iterator = read_log(path, options, stopped=self.stopped, **kwargs)  # type: ignore[arg-type]
         self.task = asyncio.create_task(self._collect())
 
     async def _collect(self) -> None:
-        async for chunk in self._iterator:
-            self.chunks.append(chunk)
-            self.data += chunk
+        try:
+            async for chunk in self._iterator:
+                self.chunks.append(chunk)
+                self.data += chunk
+                self._changed.set()
+        finally:
+            self._changed.set()
+
+    async def wait_until(self, condition: Callable[[], bool], what: str) -> None:
+        async with asyncio.timeout(DEADLINE):
+            while not condition() and not self.task.done():
+                self._changed.clear()
+                await self._changed.wait()
+        assert condition(), f"the stream ended before {what}"
 
     async def has(self, text: bytes) -> None:
-        await until(lambda: text in self.data or self.task.done(), f"{text!r} to arrive")
-        assert text in self.data
+        await self.wait_until(lambda: text in self.data, f"{text!r} arrived")
 
     async def stop(self) -> bytes:
         self.stopped.set()
@@ -134,9 +154,7 @@ class TestRecordFormat:
 
 
 class TestWholeLog:
-    async def test_streams_interleave_in_file_order_and_partials_join(
-        self, log_path: Path
-    ) -> None:
+    async def test_streams_interleave_in_file_order_and_partials_join(self, log_path: Path) -> None:
         append(
             log_path,
             record(0, "stdout", "F", "out 1"),
@@ -160,9 +178,7 @@ class TestWholeLog:
         )
         assert await read_all(log_path) == b"aaa\nerr\nbbb\n"
 
-    async def test_an_unfinished_line_ends_the_output_without_newline(
-        self, log_path: Path
-    ) -> None:
+    async def test_an_unfinished_line_ends_the_output_without_newline(self, log_path: Path) -> None:
         append(log_path, record(0, "stdout", "F", "done"), record(1, "stdout", "P", "half"))
         # A record still being written (no newline yet) is not shown.
         append(log_path, f"{stamp(2)} stdout F unfinis".encode())
@@ -248,7 +264,7 @@ class TestOptions:
         self, log_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         expected = lines_file(log_path, 100_000, width=60)
-        assert log_path.stat().st_size > 8 * 1024 * 1024
+        assert file_size(log_path) > 8 * 1024 * 1024
         read_bytes = 0
         real_pread = logs._pread
 
@@ -279,8 +295,9 @@ class TestOptions:
         append(log_path, record(0, "stdout", "F", "12345"), record(1, "stdout", "F", "abcde"))
         whole = b"12345\nabcde\n"
         assert await read_all(log_path, LogOptions(limit_bytes=limit)) == whole[:limit]
-        assert await read_all(log_path, LogOptions(limit_bytes=limit), chunk_bytes=2) == (
-            whole[:limit]
+        assert (
+            await read_all(log_path, LogOptions(limit_bytes=limit), chunk_bytes=2)
+            == (whole[:limit])
         )
 
     async def test_limit_bytes_ends_a_follow(self, log_path: Path) -> None:
@@ -291,9 +308,7 @@ class TestOptions:
 
 
 class TestChunks:
-    async def test_many_short_lines_come_in_few_chunks_of_whole_lines(
-        self, log_path: Path
-    ) -> None:
+    async def test_many_short_lines_come_in_few_chunks_of_whole_lines(self, log_path: Path) -> None:
         expected = lines_file(log_path, 10_000)
         chunks = [c async for c in read_log(log_path, LogOptions(), chunk_bytes=4096)]
 
@@ -356,16 +371,14 @@ class TestFollow:
         assert got == b"x" * 16384 + b"end\n"
         assert all(len(c) <= 4096 for c in follower.chunks)
 
-    async def test_a_replaced_file_is_finished_then_the_new_one_read(
-        self, log_path: Path
-    ) -> None:
+    async def test_a_replaced_file_is_finished_then_the_new_one_read(self, log_path: Path) -> None:
         append(log_path, record(0, "stdout", "F", "old 1"))
         follower = Follower(log_path, LogOptions(follow=True))
         await follower.has(b"old 1\n")
 
         # The old writer's last line lands just before the rename.
         append(log_path, record(1, "stdout", "F", "old 2"))
-        log_path.rename(log_path.with_name("previous.log"))
+        rotate(log_path)
         await asyncio.sleep(2 * logs.POLL_INTERVAL)
         append(log_path, record(2, "stdout", "F", "new 1"))
         await follower.has(b"new 1\n")
@@ -386,7 +399,11 @@ class TestFollow:
 
     async def test_many_followers_share_one_watcher(self, log_path: Path) -> None:
         append(log_path, record(0, "stdout", "F", "start"))
-        followers = [Follower(log_path, LogOptions(follow=True)) for _ in range(500)]
+        # Like the process driver: one stop event per agent, shared by its followers.
+        agent_deleted = asyncio.Event()
+        followers = [
+            Follower(log_path, LogOptions(follow=True), stopped=agent_deleted) for _ in range(500)
+        ]
         for follower in followers:
             await follower.has(b"start\n")
         assert len(logs._watches) == 1
@@ -394,8 +411,10 @@ class TestFollow:
         append(log_path, record(1, "stdout", "F", "for everyone"))
         for follower in followers:
             await follower.has(b"for everyone\n")
+        append(log_path, record(2, "stdout", "F", "last"))
+        agent_deleted.set()
         for follower in followers:
-            assert await follower.stop() == b"start\nfor everyone\n"
+            assert await follower.stop() == b"start\nfor everyone\nlast\n"
         assert logs._watches == {}
 
     async def test_a_reader_that_does_not_read_does_not_hold_back_others(
@@ -491,10 +510,7 @@ def shim_runner(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes
 
 
 async def wait_process(proc: subprocess.Popen[bytes]) -> int:
-    async with asyncio.timeout(DEADLINE):
-        while proc.poll() is None:
-            await asyncio.sleep(0.02)
-    return proc.returncode
+    return await asyncio.to_thread(proc.wait, DEADLINE)
 
 
 class TestWithTheShim:
@@ -514,7 +530,9 @@ class TestWithTheShim:
         proc = shim_runner(sys.executable, "-c", script)
 
         # The agent is still writing its line: all but the last record is already out.
-        await until(lambda: len(follower.data) >= size - shim.MAX_RECORD_CONTENT, "the line")
+        await follower.wait_until(
+            lambda: len(follower.data) >= size - shim.MAX_RECORD_CONTENT, "most of the line"
+        )
         assert proc.poll() is None
         assert b"\n" not in follower.data[6:]
 
@@ -530,4 +548,3 @@ class TestWithTheShim:
         proc = shim_runner("sh", "-c", "seq 1 50; echo 'boom: no config' >&2; exit 1")
         assert await wait_process(proc) == 1
         assert tail_text(tmp_path / shim.LOG_FILE, 3) == "49\n50\nboom: no config\n"
-

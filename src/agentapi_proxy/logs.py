@@ -19,10 +19,11 @@ Following. Every follower of a file reads from its own offset at its own pace,
 so a slow one holds at most about two chunks and never delays the others or
 the agent. Followers of one path share one watcher task that stats the file
 every :data:`POLL_INTERVAL` seconds while anyone follows it and wakes them when
-it changed; one more task per ``stopped`` event wakes them when it is set. Reads are bounded
-(:data:`READ_SIZE`) and made on the event loop: they hit a local file that was
-just written, so the page cache answers them in microseconds, and a thread hop
-per read would cost more than the read with hundreds of followers.
+it changed; one more task per ``stopped`` event wakes them when it is set.
+Reads are bounded (:data:`READ_SIZE`) and made on the event loop: they hit a
+local file that was just written, so the page cache answers them in
+microseconds, and a thread hop per read would cost more than the read with
+hundreds of followers.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import calendar
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncGenerator, Generator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -479,7 +480,7 @@ async def read_log(
     *,
     stopped: asyncio.Event | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Yields the output of the log at ``path`` as ``kubectl logs`` would show it.
 
     Chunks hold whole lines, at most ``chunk_bytes`` each; only a line longer

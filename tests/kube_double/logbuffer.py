@@ -13,6 +13,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from .timestamps import rfc3339_nano
+
 LogKey = tuple[str, str, str]  # namespace, pod, container
 
 
@@ -20,14 +22,6 @@ LogKey = tuple[str, str, str]  # namespace, pod, container
 class LogEntry:
     time_ns: int
     data: bytes
-
-
-def rfc3339_nano(time_ns: int) -> str:
-    """``2024-05-01T12:00:00.123456789Z`` with trailing zeros trimmed, like Go's RFC3339Nano."""
-    seconds, nanos = divmod(time_ns, 1_000_000_000)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-    fraction = f"{nanos:09d}".rstrip("0")
-    return f"{stamp}.{fraction}Z" if fraction else f"{stamp}Z"
 
 
 def split_lines(data: bytes) -> list[bytes]:

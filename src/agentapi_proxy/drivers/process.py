@@ -282,7 +282,7 @@ class ProcessDriver(Driver):
             )
         async for chunk in logs.read_log(path, options, stopped=agent.logs_done):
             yield chunk
-        if options.follow and agent_id not in self._agents:
+        if options.follow and agent.phase == "deleting":
             yield StreamEnd("AgentDeleted", f"agent {agent_id!r} was deleted")
 
     async def endpoint(self, agent_id: str) -> Endpoint:
