@@ -374,6 +374,7 @@ class ScriptedService(pb_grpc.AgentServiceServicer):
     heads: list[pb.HTTPRequestHead] = field(default_factory=list)
     body_chunk_sizes: list[int] = field(default_factory=list)
     second_event: asyncio.Event = field(default_factory=asyncio.Event)
+    events_cancelled: asyncio.Event = field(default_factory=asyncio.Event)
 
     def _remember(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.metadata.append({k: str(v) for k, v in context.invocation_metadata() or ()})
@@ -453,7 +454,11 @@ class ScriptedService(pb_grpc.AgentServiceServicer):
             yield pb.ProxyHTTPResponse(body=b"event: status_change\ndata: 1\n\n")
             # The second event waits until the client has seen the first: a
             # buffering gateway would hang here until the hang guard fires.
-            await self.second_event.wait()
+            try:
+                await self.second_event.wait()
+            except asyncio.CancelledError:
+                self.events_cancelled.set()
+                raise
             yield pb.ProxyHTTPResponse(body=b"event: status_change\ndata: 2\n\n")
         elif head.path == "/broken":
             yield response_head(200, ("Content-Type", "text/plain"))
@@ -489,35 +494,47 @@ def closed_port() -> Iterator[int]:
 
 
 async def _start_gateway(
-    control_plane: str, *, max_json_body_bytes: int = 1024
+    control_plane: str, *, shutdown_timeout: float = 2.0
 ) -> tuple[web.AppRunner, str]:
     settings = GatewaySettings(
-        listen="127.0.0.1:0",
-        control_plane=control_plane,
-        max_json_body_bytes=max_json_body_bytes,
+        listen="127.0.0.1:0", control_plane=control_plane, max_json_body_bytes=1024
     )
-    runner = await run_gateway(settings, shutdown_timeout=2.0)
+    runner = await run_gateway(settings, shutdown_timeout=shutdown_timeout)
     host, port = runner.addresses[0][:2]
     return runner, f"http://{host}:{port}"
 
 
+@dataclass
+class Scripted:
+    service: ScriptedService
+    target: str
+
+
 @pytest.fixture
-async def live() -> AsyncIterator[Live]:
+async def scripted() -> AsyncIterator[Scripted]:
+    """The scripted AgentService (with gRPC health) on 127.0.0.1, port 0."""
     service = ScriptedService()
     server = grpc.aio.server()
     pb_grpc.add_AgentServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)  # type: ignore[attr-defined]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    runner, url = await _start_gateway(f"127.0.0.1:{port}")
-    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
     try:
-        yield Live(url, service, session)
+        yield Scripted(service, f"127.0.0.1:{port}")
     finally:
         service.second_event.set()
+        await server.stop(None)
+
+
+@pytest.fixture
+async def live(scripted: Scripted) -> AsyncIterator[Live]:
+    runner, url = await _start_gateway(scripted.target)
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+    try:
+        yield Live(url, scripted.service, session)
+    finally:
         await session.close()
         await runner.cleanup()
-        await server.stop(None)
 
 
 async def _json(response: aiohttp.ClientResponse) -> Any:
@@ -680,6 +697,33 @@ async def test_proxy_sse_events_arrive_one_by_one(live: Live) -> None:
             live.service.second_event.set()
             second = await response.content.readuntil(b"\n\n")
             assert second == b"event: status_change\ndata: 2\n\n"
+
+
+async def test_client_leaving_a_proxied_stream_cancels_its_call(live: Live) -> None:
+    async with asyncio.timeout(DEADLINE):
+        async with live.session.get(f"{live.url}/agents/a1/proxy/events") as response:
+            await response.content.readuntil(b"\n\n")
+            response.close()
+        # Without the cancellation the agent side would wait for ever.
+        await live.service.events_cancelled.wait()
+
+
+async def test_shutdown_ends_open_streams_instead_of_waiting(scripted: Scripted) -> None:
+    # A shutdown timeout far beyond the hang guard: only cancelling the stream can pass.
+    runner, url = await _start_gateway(scripted.target, shutdown_timeout=60.0)
+    cleaned = False
+    try:
+        async with aiohttp.ClientSession() as session, asyncio.timeout(DEADLINE):
+            async with session.get(f"{url}/agents/a1/proxy/events") as response:
+                await response.content.readuntil(b"\n\n")
+                await runner.cleanup()
+                cleaned = True
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await response.read()
+            await scripted.service.events_cancelled.wait()
+    finally:
+        if not cleaned:
+            await runner.cleanup()
 
 
 async def test_proxy_streams_5_mib_up_and_6_mib_down_in_chunks(live: Live) -> None:

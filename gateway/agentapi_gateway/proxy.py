@@ -79,8 +79,11 @@ def proxy_handler(binding: HttpBinding, *, control_plane: ControlPlaneLookup) ->
                 return await _relay_response(request, call, agent_id=head.agent_id)
             finally:
                 sender.cancel()
-                # The sender swallows its own failures; this only waits for it to stop.
                 await asyncio.wait([sender])
+                if not sender.cancelled() and (failure := sender.exception()) is not None:
+                    logger.warning(
+                        "agent %s: sending the request failed: %r", head.agent_id, failure
+                    )
 
     return handle
 
@@ -137,7 +140,7 @@ async def _send_request(call: ProxyCall, head: pb.HTTPRequestHead, request: web.
         # The call ended (the agent answered early, or it failed): the
         # response side reports the outcome.
         return
-    except (ConnectionError, HttpProcessingError) as exc:
+    except (OSError, HttpProcessingError) as exc:
         logger.info("agent %s: client broke off its request body: %s", head.agent_id, exc)
         call.cancel()
 

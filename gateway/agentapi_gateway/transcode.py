@@ -21,7 +21,7 @@ Every problem raises InvalidArgument with a message naming the field.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -50,17 +50,18 @@ _TRUE: Final = frozenset({"", "true", "1", "t", "yes"})
 _FALSE: Final = frozenset({"false", "0", "f", "no"})
 
 FieldPath = tuple[FieldDescriptor, ...]
+M = TypeVar("M", bound=Message)
 
 
 def build_request(
-    message_class: type[Message],
+    message_class: type[M],
     *,
     path_values: Mapping[str, str],
     query: Iterable[tuple[str, str]] = (),
     body: Any = None,
     body_field: str = "",
     reserved_query: Collection[str] = (),
-) -> Message:
+) -> M:
     """A request message from path variables, query parameters and a JSON body.
 
     ``path_values`` maps proto field paths to decoded path segments;

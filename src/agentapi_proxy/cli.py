@@ -58,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 async def _run(settings: Settings, *, control_plane: bool, gateway: bool) -> None:
     from aiohttp import web
 
+    from agentapi_proxy.auth import authenticator_from_settings
     from agentapi_proxy.server import ControlPlane
 
     stop = asyncio.Event()
@@ -65,7 +66,10 @@ async def _run(settings: Settings, *, control_plane: bool, gateway: bool) -> Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    plane = ControlPlane(settings) if control_plane else None
+    listen = [settings.server.grpc_listen] if control_plane else []
+    listen += [settings.gateway.listen] if gateway else []
+    authenticator = authenticator_from_settings(settings.auth, listen=listen)
+    plane = ControlPlane(settings, authenticator=authenticator) if control_plane else None
     runner: web.AppRunner | None = None
     try:
         gateway_settings = settings.gateway

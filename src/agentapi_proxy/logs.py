@@ -510,6 +510,7 @@ async def read_log(
 
     cursor: _Cursor | None = None
     following: tuple[_Watch, _Follower] | None = None
+    replaced = False
     try:
         cursor = _Cursor.open(path)
         if cursor is None and not options.follow:
@@ -536,13 +537,14 @@ async def read_log(
                         return
                     await asyncio.sleep(0)
 
-                if following is not None and _replaced(cursor, following[0]):
-                    # Written between our last read and the replacement.
-                    while cursor.read_into(assembler):
-                        pass
+                if replaced:
                     assembler.end_line()
                     cursor.close()
-                    cursor = None
+                    cursor, replaced = None, False
+                    continue
+                if following is not None and _replaced(cursor, following[0]):
+                    # One more pass first: the old file may have grown since our last read.
+                    replaced = True
                     continue
 
             for chunk in output.chunks(flush=True):

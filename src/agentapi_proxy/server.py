@@ -9,6 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from agentapi_proxy.auth import Authenticator, authenticator_from_settings
 from agentapi_proxy.drivers.base import Driver
 from agentapi_proxy.service import AgentService
 from agentapi_proxy.settings import Settings, SettingsError
@@ -57,12 +58,17 @@ def make_driver(settings: Settings, board: StateBoard) -> Driver:
 class ControlPlane:
     """Owns the gRPC server and everything behind it; start() then stop(), once each."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, authenticator: Authenticator | None = None) -> None:
         self.settings = settings
         self.board = StateBoard()
         self.driver = make_driver(settings, self.board)
         self.relay = TrafficRelay(self.driver)
-        self.service = AgentService(self.driver, self.relay)
+        self.service = AgentService(
+            self.driver,
+            self.relay,
+            authenticator=authenticator
+            or authenticator_from_settings(settings.auth, listen=[settings.server.grpc_listen]),
+        )
         self.health = HealthServicer()
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.port = 0

@@ -7,6 +7,7 @@ else in the project turns an error into a gRPC status.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import re
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 import grpc
 
 from agentapi_proxy import errors, status
+from agentapi_proxy.auth import Authenticator, Permission, Principal
 from agentapi_proxy.drivers.base import Driver
 from agentapi_proxy.ids import (
     new_agent_id,
@@ -24,13 +26,16 @@ from agentapi_proxy.ids import (
     validate_env_name,
     validate_session_id,
 )
-from agentapi_proxy.model import AgentSpec, LogOptions, State, StreamEnd
+from agentapi_proxy.model import AgentInfo, AgentSpec, LogOptions, State, StreamEnd
 from agentapi_proxy.traffic import TrafficRelay
 from agentapi_proxy.v1 import agent_service_pb2 as pb
 from agentapi_proxy.v1 import agent_service_pb2_grpc as pb_grpc
 from agentapi_proxy.wire import STATE_FROM_PB, agent_to_pb
 
 logger = logging.getLogger(__name__)
+
+# The caller of the RPC being served; set by the wrappers before the method runs.
+_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Response = TypeVar("Response")
@@ -59,11 +64,12 @@ async def _fail(context: Context, exc: Exception, method: str) -> None:
 
 
 def _unary(
-    method: Callable[[Any, Any, Context], Awaitable[Response]],
-) -> Callable[[Any, Any, Context], Awaitable[Response]]:
+    method: Callable[[AgentService, Any, Context], Awaitable[Response]],
+) -> Callable[[AgentService, Any, Context], Awaitable[Response]]:
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: Context) -> Response:
+    async def wrapper(self: AgentService, request: Any, context: Context) -> Response:
         try:
+            _principal.set(self._authenticator.principal(context.invocation_metadata() or ()))
             return await method(self, request, context)
         except Exception as exc:
             await _fail(context, exc, method.__name__)
@@ -73,11 +79,14 @@ def _unary(
 
 
 def _streaming(
-    method: Callable[[Any, Any, Context], AsyncIterator[Response]],
-) -> Callable[[Any, Any, Context], AsyncIterator[Response]]:
+    method: Callable[[AgentService, Any, Context], AsyncIterator[Response]],
+) -> Callable[[AgentService, Any, Context], AsyncIterator[Response]]:
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: Context) -> AsyncIterator[Response]:
+    async def wrapper(
+        self: AgentService, request: Any, context: Context
+    ) -> AsyncIterator[Response]:
         try:
+            _principal.set(self._authenticator.principal(context.invocation_metadata() or ()))
             async for item in method(self, request, context):
                 yield item
         except Exception as exc:
@@ -88,9 +97,12 @@ def _streaming(
 
 
 class AgentService(pb_grpc.AgentServiceServicer):
-    def __init__(self, driver: Driver, relay: TrafficRelay) -> None:
+    def __init__(
+        self, driver: Driver, relay: TrafficRelay, *, authenticator: Authenticator
+    ) -> None:
         self._driver = driver
         self._relay = relay
+        self._authenticator = authenticator
         self._shutting_down = False
 
     def begin_shutdown(self) -> None:
@@ -101,11 +113,31 @@ class AgentService(pb_grpc.AgentServiceServicer):
         if self._shutting_down:
             raise errors.Unavailable("the control plane is shutting down; retry shortly")
 
+    async def _visible(
+        self, agent_id: str, permission: Permission, *, session_id: str = ""
+    ) -> AgentInfo:
+        """The agent, if the caller holds ``permission`` and may see it; else NotFound.
+
+        Agents of other users answer NOT_FOUND, exactly like missing ones, so
+        their ids are not disclosed.
+        """
+        principal = _principal.get()
+        principal.require(permission)
+        info = await self._driver.get(validate_agent_id(agent_id))
+        if not principal.may_see(info.spec.owner) or (
+            session_id and info.spec.session_id != session_id
+        ):
+            where = f" in session {session_id!r}" if session_id else ""
+            raise errors.NotFound(f"agent {agent_id!r} not found{where}")
+        return info
+
     @_unary
     async def CreateAgent(
         self, request: pb.CreateAgentRequest, context: Context
     ) -> pb.CreateAgentResponse:
         self._check_not_shutting_down()
+        principal = _principal.get()
+        principal.require(Permission.CREATE)
         session_id = validate_session_id(request.session_id)
         agent_id = validate_agent_id(request.agent_id) if request.agent_id else new_agent_id()
         if len(request.env) > MAX_ENV_ENTRIES:
@@ -129,6 +161,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         spec = AgentSpec(
             agent_id=agent_id,
             session_id=session_id,
+            owner=principal.user_id,
             env=dict(request.env),
             labels=dict(request.labels),
         )
@@ -137,40 +170,36 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
     @_unary
     async def GetAgent(self, request: pb.GetAgentRequest, context: Context) -> pb.GetAgentResponse:
-        info = await self._driver.get(validate_agent_id(request.agent_id))
-        if request.session_id and info.spec.session_id != request.session_id:
-            raise errors.NotFound(
-                f"agent {request.agent_id!r} not found in session {request.session_id!r}"
-            )
+        info = await self._visible(
+            request.agent_id, Permission.ACCESS, session_id=request.session_id
+        )
         return pb.GetAgentResponse(agent=agent_to_pb(info))
 
     @_unary
     async def ListAgents(
         self, request: pb.ListAgentsRequest, context: Context
     ) -> pb.ListAgentsResponse:
+        principal = _principal.get()
+        principal.require(Permission.LIST)
         session_id = validate_session_id(request.session_id) if request.session_id else None
         agents = await self._driver.list_agents(session_id)
-        return pb.ListAgentsResponse(agents=[agent_to_pb(info) for info in agents])
+        return pb.ListAgentsResponse(
+            agents=[agent_to_pb(info) for info in agents if principal.may_see(info.spec.owner)]
+        )
 
     @_unary
     async def DeleteAgent(
         self, request: pb.DeleteAgentRequest, context: Context
     ) -> pb.DeleteAgentResponse:
-        agent_id = validate_agent_id(request.agent_id)
-        if request.session_id:
-            info = await self._driver.get(agent_id)
-            if info.spec.session_id != request.session_id:
-                raise errors.NotFound(
-                    f"agent {agent_id!r} not found in session {request.session_id!r}"
-                )
-        info = await self._driver.delete(agent_id)
+        await self._visible(request.agent_id, Permission.DELETE, session_id=request.session_id)
+        info = await self._driver.delete(request.agent_id)
         return pb.DeleteAgentResponse(agent=agent_to_pb(info))
 
     @_unary
     async def WaitAgent(
         self, request: pb.WaitAgentRequest, context: Context
     ) -> pb.WaitAgentResponse:
-        agent_id = validate_agent_id(request.agent_id)
+        agent_id = (await self._visible(request.agent_id, Permission.ACCESS)).agent_id
         wanted = STATE_FROM_PB.get(request.state, State.READY)
         if request.state not in (pb.AGENT_STATE_UNSPECIFIED, *STATE_FROM_PB):
             raise errors.InvalidArgument(f"unknown state {request.state}")
@@ -204,7 +233,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def WatchAgent(
         self, request: pb.WatchAgentRequest, context: Context
     ) -> AsyncIterator[pb.WatchAgentResponse]:
-        agent_id = validate_agent_id(request.agent_id)
+        agent_id = (await self._visible(request.agent_id, Permission.ACCESS)).agent_id
         last = None
         async for info in self._driver.watch(agent_id):
             last = info
@@ -216,7 +245,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def StreamLogs(
         self, request: pb.StreamLogsRequest, context: Context
     ) -> AsyncIterator[pb.StreamLogsResponse]:
-        agent_id = validate_agent_id(request.agent_id)
+        agent_id = (await self._visible(request.agent_id, Permission.ACCESS)).agent_id
         if request.HasField("since") and request.HasField("since_time"):
             raise errors.InvalidArgument("give at most one of since and since_time")
         since_time = None
@@ -253,5 +282,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def ProxyHTTP(
         self, request_iterator: AsyncIterator[pb.ProxyHTTPRequest], context: Context
     ) -> AsyncIterator[pb.ProxyHTTPResponse]:
-        async for message in self._relay.relay(request_iterator):
+        async def authorize(agent_id: str) -> None:
+            await self._visible(agent_id, Permission.ACCESS)
+
+        async for message in self._relay.relay(request_iterator, authorize=authorize):
             yield message

@@ -104,6 +104,17 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    # Off by default for a single user on a laptop; then both ports must be on loopback.
+    enabled: bool = False
+    # JSON file {"api_keys": [{"key", "user_id", "role", "permissions", "created_at",
+    # "expires_at"}]}; re-read when it changes.
+    api_keys_file: str = ""
+    # Allow listening beyond loopback with authentication off (trusted networks only).
+    allow_unauthenticated_remote: bool = False
+
+
+@dataclass(frozen=True)
 class Settings:
     state_dir: str = "~/.local/state/agentapi-proxy"
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -111,6 +122,7 @@ class Settings:
     process: ProcessSettings = field(default_factory=ProcessSettings)
     provision_mode: ProvisionModeSettings = field(default_factory=ProvisionModeSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
     @property
     def state_path(self) -> Path:

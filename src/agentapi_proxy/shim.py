@@ -21,8 +21,9 @@ What it promises:
 
   A line longer than :data:`MAX_RECORD_CONTENT` becomes ``P`` records and a
   final ``F`` record; a stream that ends without a newline ends with an ``F``
-  record too. Records are appended as each read returns; at most one record
-  per stream is held in memory.
+  record too. Records are appended as each read returns; only the last piece
+  of an unfinished line (at most 16 KiB per stream) waits for its newline or
+  for the end of the stream, so it can land after lines of the other stream.
 - SIGTERM, SIGINT and SIGHUP sent to the shim are passed on to the agent as
   SIGTERM; the shim keeps writing output until the agent exits.
 - When the agent has exited, output still arriving (from descendants that keep

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from urllib.parse import unquote
 
 import aiohttp
@@ -117,15 +117,23 @@ class TrafficRelay:
             await self._session.close()
 
     async def relay(
-        self, requests: AsyncIterator[pb.ProxyHTTPRequest]
+        self,
+        requests: AsyncIterator[pb.ProxyHTTPRequest],
+        *,
+        authorize: Callable[[str], Awaitable[None]],
     ) -> AsyncIterator[pb.ProxyHTTPResponse]:
-        """Yields the response head, then body chunks. Raises the project's errors."""
+        """Yields the response head, then body chunks. Raises the project's errors.
+
+        ``authorize(agent_id)`` runs before anything is sent and raises when
+        the caller may not reach that agent.
+        """
         assert self._session is not None, "start() first"
         first = await anext(requests, None)
         if first is None or first.WhichOneof("frame") != "head":
             raise InvalidArgument("the first ProxyHTTP message must be the request head")
         head = first.head
         check_head(head)
+        await authorize(head.agent_id)
         endpoint = await self._driver.endpoint(head.agent_id)
 
         headers = [
