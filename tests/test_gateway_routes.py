@@ -137,12 +137,21 @@ async def test_requests_reach_the_bound_rpc(
     assert binding.path.field_values(dict(match)) == values
 
 
-async def test_verb_suffix_does_not_leak_into_other_routes(router: web.UrlDispatcher) -> None:
-    match = await router.resolve(make_mocked_request("GET", "/agents/a1:wait"))
-    # GET is not bound to :wait; the GET route may only see "a1:wait" as an id, never WaitAgent.
-    handler = getattr(match.handler, "binding", None)
-    assert handler is None or handler.rpc_name == "GetAgent"
-    assert match.get("agent_id") in {None, "a1:wait"}
+@pytest.mark.parametrize(
+    ("method", "url", "status"),
+    [
+        ("POST", "/agents/a1", 405),
+        ("POST", "/agents/a1:waitx", 405),
+        ("GET", "/agents/a1/proxyx", 404),
+        ("GET", "/sessions/s/agents/a1/extra", 404),
+    ],
+)
+async def test_near_misses_are_not_routed(
+    router: web.UrlDispatcher, method: str, url: str, status: int
+) -> None:
+    match = await router.resolve(make_mocked_request(method, url))
+    assert match.http_exception is not None
+    assert match.http_exception.status == status
 
 
 # --- query, path and body become the request message ----------------------------------------
@@ -620,7 +629,11 @@ async def test_unknown_route_is_a_json_404(live: Live) -> None:
         async with live.session.get(f"{live.url}/no/such/route") as response:
             body = await _json(response)
     assert response.status == 404
-    assert body["error"]["status"] == "NOT_FOUND"
+    assert body["error"] == {
+        "code": 404,
+        "status": "NOT_FOUND",
+        "message": "no route matches GET /no/such/route",
+    }
 
 
 async def test_log_stream_error_before_first_message_is_a_real_status(live: Live) -> None:

@@ -94,9 +94,8 @@ async def run_gateway(
             f"the gateway cannot listen on {host}:{port}: {exc.strerror or exc}",
             reason="ListenFailed",
         ) from exc
-    logger.info(
-        "gateway listening on %s, control plane at %s", runner.addresses, settings.control_plane
-    )
+    for address in runner.addresses:
+        logger.info("gateway listening on http://%s:%s", *address[:2])
     return runner
 
 
@@ -165,7 +164,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = error_response(status_from_http_exception(exc), http_status=exc.status)
+        status = status_from_http_exception(exc, method=request.method, path=request.path)
+        response = error_response(status, http_status=exc.status)
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
         return response

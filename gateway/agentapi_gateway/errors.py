@@ -148,12 +148,18 @@ def status_from_project_error(error: errors.AgentApiError) -> ErrorStatus:
     return ErrorStatus(code, error.message, reason=error.reason, retry_after=retry_after)
 
 
-def status_from_http_exception(error: web.HTTPException) -> ErrorStatus:
+def status_from_http_exception(error: web.HTTPException, *, method: str, path: str) -> ErrorStatus:
     """The status of an aiohttp HTTP error such as a routing miss (404) or a wrong method (405)."""
     code = _CODES_OF_HTTP_ERRORS.get(error.status)
     if code is None:
         code = grpc.StatusCode.INVALID_ARGUMENT if error.status < 500 else grpc.StatusCode.INTERNAL
-    return ErrorStatus(code, error.reason)
+    if error.status == 404:
+        message = f"no route matches {method} {path}"
+    elif error.status == 405:
+        message = f"{method} is not allowed on {path}; allowed: {error.headers.get('Allow', '')}"
+    else:
+        message = error.text or error.reason
+    return ErrorStatus(code, message)
 
 
 def error_response(status: ErrorStatus, *, http_status: int | None = None) -> web.Response:

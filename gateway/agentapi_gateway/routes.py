@@ -21,7 +21,7 @@ Path templates follow ``google/api/http.proto``::
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -104,7 +104,7 @@ def service_bindings(service: ServiceDescriptor) -> list[HttpBinding]:
     """Every HTTP binding of every method of ``service``, in declaration order.
 
     Raises ValueError for a template, body or field the gateway cannot serve,
-    or for two bindings of the same method and path.
+    or when two bindings claim the same HTTP method and path.
     """
     bindings: list[HttpBinding] = []
     for method in service.methods:
@@ -297,12 +297,3 @@ def _segments_regex(pattern: Sequence[str], *, template: str) -> str:
     if "{" in regex or "}" in regex:
         raise ValueError(f"path template {template!r} cannot be expressed as an aiohttp route")
     return regex
-
-
-def iter_route_paths(bindings: Sequence[HttpBinding]) -> Iterator[str]:
-    """Distinct aiohttp paths in first-seen order (one aiohttp resource each)."""
-    seen: set[str] = set()
-    for binding in bindings:
-        if binding.path.aiohttp_path not in seen:
-            seen.add(binding.path.aiohttp_path)
-            yield binding.path.aiohttp_path

@@ -51,7 +51,10 @@ class Cluster:
     """Everything the fake API server serves and the fake controllers act on."""
 
     def __init__(
-        self, *, timings: Timings | None = None, nodes: tuple[str, ...] = ("node-1", "node-2", "node-3")
+        self,
+        *,
+        timings: Timings | None = None,
+        nodes: tuple[str, ...] = ("node-1", "node-2", "node-3"),
     ) -> None:
         self.timings = timings or Timings()
         self.faults = Faults()
@@ -79,7 +82,9 @@ class Cluster:
         self._wake.set()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="kube-double-controllers")
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name="kube-double-controllers"
+        )
 
     async def stop(self) -> None:
         if self._task is not None:

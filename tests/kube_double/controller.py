@@ -72,7 +72,8 @@ def is_running_and_ready(pod: JsonObject) -> bool:
     if status.get("phase") != "Running" or pod["metadata"].get("deletionTimestamp"):
         return False
     return any(
-        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
     )
 
 
@@ -126,7 +127,9 @@ class StatefulSetController:
             matches = labels_match(selector, pod["metadata"].get("labels"))
             if owner is None and matches and not pod["metadata"].get("deletionTimestamp"):
                 # Adopt an orphan (e.g. left by an Orphan delete of an earlier set).
-                pod["metadata"].setdefault("ownerReferences", []).append(_owner_ref(sts, controller=True))
+                pod["metadata"].setdefault("ownerReferences", []).append(
+                    _owner_ref(sts, controller=True)
+                )
                 pod = registry.write_internal(PODS, pod)
                 owner = uid
             if owner == uid and (ordinal := _ordinal(name, pod["metadata"]["name"])) is not None:
@@ -143,7 +146,9 @@ class StatefulSetController:
                 if not parallel:
                     break
                 continue
-            if not (pod.get("spec") or {}).get("nodeName") and not pod["metadata"].get("deletionTimestamp"):
+            if not (pod.get("spec") or {}).get("nodeName") and not pod["metadata"].get(
+                "deletionTimestamp"
+            ):
                 self._ensure_claims(sts, ordinal)
             if not parallel and not is_running_and_ready(pod):
                 break
@@ -170,7 +175,11 @@ class StatefulSetController:
         if strategy != "RollingUpdate":
             return
         outdated = sorted(
-            (o for o, p in pods.items() if p["metadata"].get("labels", {}).get(REVISION_LABEL) != update_revision),
+            (
+                o
+                for o, p in pods.items()
+                if p["metadata"].get("labels", {}).get(REVISION_LABEL) != update_revision
+            ),
             reverse=True,
         )
         if outdated and all(is_running_and_ready(p) for p in pods.values()):
@@ -188,9 +197,9 @@ class StatefulSetController:
         registry = self._cluster.registry
         meta = sts["metadata"]
         pod_name = f"{meta['name']}-{ordinal}"
-        delete_with_set = (
-            (sts["spec"].get("persistentVolumeClaimRetentionPolicy") or {}).get("whenDeleted") == "Delete"
-        )
+        delete_with_set = (sts["spec"].get("persistentVolumeClaimRetentionPolicy") or {}).get(
+            "whenDeleted"
+        ) == "Delete"
         for claim_name, template in self._claims_of(sts, ordinal):
             if registry.find(PERSISTENTVOLUMECLAIMS, meta["namespace"], claim_name) is not None:
                 continue
@@ -199,7 +208,11 @@ class StatefulSetController:
                 **(template_meta.get("labels") or {}),
                 **((sts["spec"].get("selector") or {}).get("matchLabels") or {}),
             }
-            claim_meta: JsonObject = {"name": claim_name, "namespace": meta["namespace"], "labels": labels}
+            claim_meta: JsonObject = {
+                "name": claim_name,
+                "namespace": meta["namespace"],
+                "labels": labels,
+            }
             if template_meta.get("annotations"):
                 claim_meta["annotations"] = copy.deepcopy(template_meta["annotations"])
             if delete_with_set:
@@ -257,10 +270,17 @@ class StatefulSetController:
         pod_spec["hostname"] = pod_name
         if spec.get("serviceName"):
             pod_spec["subdomain"] = spec["serviceName"]
-        volumes = [v for v in pod_spec.get("volumes") or [] if v.get("name") not in self._template_names(sts)]
+        volumes = [
+            v
+            for v in pod_spec.get("volumes") or []
+            if v.get("name") not in self._template_names(sts)
+        ]
         for claim_name, claim_template in self._claims_of(sts, ordinal):
             volumes.append(
-                {"name": claim_template["metadata"]["name"], "persistentVolumeClaim": {"claimName": claim_name}}
+                {
+                    "name": claim_template["metadata"]["name"],
+                    "persistentVolumeClaim": {"claimName": claim_name},
+                }
             )
         if volumes:
             pod_spec["volumes"] = volumes
@@ -282,7 +302,10 @@ class StatefulSetController:
             )
             return
         self._event(
-            sts, "Normal", "SuccessfulCreate", f"create Pod {pod_name} in StatefulSet {meta['name']} successful"
+            sts,
+            "Normal",
+            "SuccessfulCreate",
+            f"create Pod {pod_name} in StatefulSet {meta['name']} successful",
         )
 
     @staticmethod
@@ -293,7 +316,9 @@ class StatefulSetController:
         """Own the claims when ``whenDeleted: Delete``; disown them when the policy is Retain."""
         registry = self._cluster.registry
         meta = sts["metadata"]
-        wanted = (sts["spec"].get("persistentVolumeClaimRetentionPolicy") or {}).get("whenDeleted") == "Delete"
+        wanted = (sts["spec"].get("persistentVolumeClaimRetentionPolicy") or {}).get(
+            "whenDeleted"
+        ) == "Delete"
         replicas = int(sts["spec"].get("replicas", 1))
         for ordinal in ordinals | set(range(replicas)):
             for claim_name, _ in self._claims_of(sts, ordinal):
@@ -326,7 +351,9 @@ class StatefulSetController:
                     if not claim["metadata"].get("deletionTimestamp"):
                         registry.delete_internal(PERSISTENTVOLUMECLAIMS, namespace, claim_name)
 
-    def _update_status(self, sts: JsonObject, pods: dict[int, JsonObject], update_revision: str) -> None:
+    def _update_status(
+        self, sts: JsonObject, pods: dict[int, JsonObject], update_revision: str
+    ) -> None:
         status: JsonObject = sts.get("status") or {}
         current_revision = status.get("currentRevision") or update_revision
         live = [p for p in pods.values() if not p["metadata"].get("deletionTimestamp")]
@@ -389,7 +416,11 @@ class GarbageCollector:
         for rt, obj in objects:
             meta = obj["metadata"]
             finalizers = meta.get("finalizers") or []
-            if meta.get("deletionTimestamp") and FOREGROUND in finalizers and not dependents.get(meta["uid"]):
+            if (
+                meta.get("deletionTimestamp")
+                and FOREGROUND in finalizers
+                and not dependents.get(meta["uid"])
+            ):
                 current = registry.find(rt, meta.get("namespace", ""), meta["name"])
                 if current is not None:
                     current["metadata"]["finalizers"] = [f for f in finalizers if f != FOREGROUND]
@@ -397,7 +428,9 @@ class GarbageCollector:
 
     def _delete(self, rt: ResourceType, meta: JsonObject) -> None:
         try:
-            self._cluster.registry.delete_internal(rt, meta.get("namespace", ""), meta["name"], policy="Background")
+            self._cluster.registry.delete_internal(
+                rt, meta.get("namespace", ""), meta["name"], policy="Background"
+            )
         except ApiError as exc:
             if exc.code != 404:
                 raise
@@ -419,7 +452,14 @@ class VolumeController:
             and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
         ]
 
-    def _event(self, pvc: JsonObject, kind: str, reason: str, message: str, component: str = VOLUME_CONTROLLER) -> None:
+    def _event(
+        self,
+        pvc: JsonObject,
+        kind: str,
+        reason: str,
+        message: str,
+        component: str = VOLUME_CONTROLLER,
+    ) -> None:
         self._cluster.events.record(
             PERSISTENTVOLUMECLAIMS,
             pvc,
@@ -468,14 +508,26 @@ class VolumeController:
             return
         sc = registry.find(STORAGECLASSES, "", class_name)
         if sc is None:
-            self._event(pvc, "Warning", "ProvisioningFailed", f'storageclass.storage.k8s.io "{class_name}" not found')
+            self._event(
+                pvc,
+                "Warning",
+                "ProvisioningFailed",
+                f'storageclass.storage.k8s.io "{class_name}" not found',
+            )
             return
         provisioner = str(sc.get("provisioner", "kube-double.local/provisioner"))
         if (failure := self._cluster.faults.provisioning_failure) is not None:
             self._event(pvc, "Warning", "ProvisioningFailed", failure, component=provisioner)
             return
-        if sc.get("volumeBindingMode") == "WaitForFirstConsumer" and not self._users(pvc, scheduled_only=False):
-            self._event(pvc, "Normal", "WaitForFirstConsumer", "waiting for first consumer to be created before binding")
+        if sc.get("volumeBindingMode") == "WaitForFirstConsumer" and not self._users(
+            pvc, scheduled_only=False
+        ):
+            self._event(
+                pvc,
+                "Normal",
+                "WaitForFirstConsumer",
+                "waiting for first consumer to be created before binding",
+            )
             return
         if not ready:
             return
@@ -493,4 +545,10 @@ class VolumeController:
             "capacity": {"storage": requests.get("storage", "1Gi")},
         }
         stored = registry.write_internal(PERSISTENTVOLUMECLAIMS, pvc)
-        self._event(stored, "Normal", "ProvisioningSucceeded", f"Successfully provisioned volume {volume}", component=provisioner)
+        self._event(
+            stored,
+            "Normal",
+            "ProvisioningSucceeded",
+            f"Successfully provisioned volume {volume}",
+            component=provisioner,
+        )

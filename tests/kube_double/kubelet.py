@@ -134,7 +134,12 @@ class Scheduler:
         pod["status"]["phase"] = "Pending"
         stored = cluster.registry.write_internal(PODS, pod)
         cluster.events.record(
-            PODS, stored, type="Warning", reason="FailedScheduling", message=message, component=SCHEDULER
+            PODS,
+            stored,
+            type="Warning",
+            reason="FailedScheduling",
+            message=message,
+            component=SCHEDULER,
         )
 
     def _bind(self, pod: JsonObject) -> None:
@@ -156,7 +161,12 @@ class Scheduler:
 
 
 def _set_condition(
-    pod: JsonObject, kind: str, status: str, *, reason: str | None = None, message: str | None = None
+    pod: JsonObject,
+    kind: str,
+    status: str,
+    *,
+    reason: str | None = None,
+    message: str | None = None,
 ) -> None:
     conditions: list[JsonObject] = pod.setdefault("status", {}).setdefault("conditions", [])
     existing = next((c for c in conditions if c["type"] == kind), None)
@@ -263,7 +273,14 @@ class Kubelet:
         self._pods[meta["uid"]] = runtime
         return runtime
 
-    def _event(self, pod: JsonObject, kind: Literal["Normal", "Warning"], reason: str, message: str, container: str) -> None:
+    def _event(
+        self,
+        pod: JsonObject,
+        kind: Literal["Normal", "Warning"],
+        reason: str,
+        message: str,
+        container: str,
+    ) -> None:
         self._cluster.events.record(
             PODS,
             pod,
@@ -292,7 +309,9 @@ class Kubelet:
         cluster.registry.remove_now(PODS, runtime.namespace, runtime.name)
         return True
 
-    def _advance(self, pod: JsonObject, runtime: PodRuntime, container: ContainerRuntime, now: float) -> None:
+    def _advance(
+        self, pod: JsonObject, runtime: PodRuntime, container: ContainerRuntime, now: float
+    ) -> None:
         cluster = self._cluster
         faults = cluster.faults
         timings = cluster.timings
@@ -304,9 +323,15 @@ class Kubelet:
                 container.phase = "pull_error"
                 container.pull_message = pull_error
                 container.due = now + timings.image_pull_backoff
-                self._event(pod, "Normal", "Pulling", f'Pulling image "{container.image}"', container.name)
                 self._event(
-                    pod, "Warning", "Failed", f'Failed to pull image "{container.image}": {pull_error}', container.name
+                    pod, "Normal", "Pulling", f'Pulling image "{container.image}"', container.name
+                )
+                self._event(
+                    pod,
+                    "Warning",
+                    "Failed",
+                    f'Failed to pull image "{container.image}": {pull_error}',
+                    container.name,
                 )
                 self._event(pod, "Warning", "Failed", "Error: ErrImagePull", container.name)
             else:
@@ -314,7 +339,13 @@ class Kubelet:
         elif container.phase == "pull_error" and now >= container.due:
             container.phase = "pull_backoff"
             container.due = now + 2 * timings.image_pull_backoff
-            self._event(pod, "Normal", "BackOff", f'Back-off pulling image "{container.image}"', container.name)
+            self._event(
+                pod,
+                "Normal",
+                "BackOff",
+                f'Back-off pulling image "{container.image}"',
+                container.name,
+            )
             self._event(pod, "Warning", "Failed", "Error: ImagePullBackOff", container.name)
         elif container.phase == "pull_backoff" and now >= container.due:
             container.phase = "creating"
@@ -350,7 +381,15 @@ class Kubelet:
             container.restart_count += 1
             self._start(pod, runtime, container, now, first=False)
 
-    def _start(self, pod: JsonObject, runtime: PodRuntime, container: ContainerRuntime, now: float, *, first: bool) -> None:
+    def _start(
+        self,
+        pod: JsonObject,
+        runtime: PodRuntime,
+        container: ContainerRuntime,
+        now: float,
+        *,
+        first: bool,
+    ) -> None:
         cluster = self._cluster
         container.phase = "running"
         container.ever_started = True
@@ -367,7 +406,9 @@ class Kubelet:
                 f'Container image "{container.image}" already present on machine',
                 container.name,
             )
-        self._event(pod, "Normal", "Created", f"Created container: {container.name}", container.name)
+        self._event(
+            pod, "Normal", "Created", f"Created container: {container.name}", container.name
+        )
         self._event(pod, "Normal", "Started", f"Started container {container.name}", container.name)
 
     def _ready(self, runtime: PodRuntime, container: ContainerRuntime) -> bool:
@@ -429,10 +470,20 @@ class Kubelet:
         reason = None if ready else "ContainersNotReady"
         message = None if ready else f"containers with unready status: [{' '.join(unready)}]"
         _set_condition(pod, "Ready", "True" if ready else "False", reason=reason, message=message)
-        _set_condition(pod, "ContainersReady", "True" if ready else "False", reason=reason, message=message)
+        _set_condition(
+            pod, "ContainersReady", "True" if ready else "False", reason=reason, message=message
+        )
         _set_condition(pod, "PodScheduled", "True")
-        order = ["PodReadyToStartContainers", "Initialized", "Ready", "ContainersReady", "PodScheduled"]
-        status["conditions"].sort(key=lambda c: order.index(c["type"]) if c["type"] in order else 99)
+        order = [
+            "PodReadyToStartContainers",
+            "Initialized",
+            "Ready",
+            "ContainersReady",
+            "PodScheduled",
+        ]
+        status["conditions"].sort(
+            key=lambda c: order.index(c["type"]) if c["type"] in order else 99
+        )
         status["hostIP"] = runtime.host_ip
         status["hostIPs"] = [{"ip": runtime.host_ip}]
         status["podIP"] = runtime.pod_ip
@@ -441,4 +492,3 @@ class Kubelet:
         status["containerStatuses"] = statuses
         status.setdefault("qosClass", qos_class(pod["spec"]))
         self._cluster.registry.write_internal(PODS, pod)
-

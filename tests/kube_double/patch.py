@@ -118,7 +118,11 @@ def _merge_list(field: str, current: Any, patch: list[Any]) -> list[Any]:
             merged.append(_strip_directives(item))
             continue
         index = next(
-            (i for i, old in enumerate(merged) if isinstance(old, Mapping) and old.get(key) == item[key]),
+            (
+                i
+                for i, old in enumerate(merged)
+                if isinstance(old, Mapping) and old.get(key) == item[key]
+            ),
             None,
         )
         if item.get("$patch") == "delete":
@@ -134,11 +138,7 @@ def _merge_list(field: str, current: Any, patch: list[Any]) -> list[Any]:
 
 def _strip_directives(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {
-            k: _strip_directives(v)
-            for k, v in value.items()
-            if not k.startswith("$")
-        }
+        return {k: _strip_directives(v) for k, v in value.items() if not k.startswith("$")}
     if isinstance(value, list):
         return [_strip_directives(v) for v in value]
     return copy.deepcopy(value)

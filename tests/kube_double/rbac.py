@@ -101,9 +101,7 @@ class Authorizer:
 def forbidden_message(attrs: Attributes) -> str:
     if not attrs.is_resource_request:
         return f'User "{attrs.user}" cannot {attrs.verb} path "{attrs.path}"'
-    scope = (
-        f'in the namespace "{attrs.namespace}"' if attrs.namespace else "at the cluster scope"
-    )
+    scope = f'in the namespace "{attrs.namespace}"' if attrs.namespace else "at the cluster scope"
     return (
         f'User "{attrs.user}" cannot {attrs.verb} resource "{attrs.full_resource}" '
         f'in API group "{attrs.group}" {scope}'

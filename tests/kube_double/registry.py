@@ -132,8 +132,7 @@ class Registry:
         items = [
             obj
             for obj in self.store.list(rt, namespace)
-            if labels_match(labels, obj["metadata"].get("labels"))
-            and fields_match(fields, obj)
+            if labels_match(labels, obj["metadata"].get("labels")) and fields_match(fields, obj)
         ]
         start = ""
         if continue_token:
@@ -167,7 +166,12 @@ class Registry:
             # Items of a typed list carry no kind/apiVersion on the wire.
             item.pop("kind", None)
             item.pop("apiVersion", None)
-        return {"kind": rt.list_kind, "apiVersion": rt.api_version, "metadata": meta, "items": items}
+        return {
+            "kind": rt.list_kind,
+            "apiVersion": rt.api_version,
+            "metadata": meta,
+            "items": items,
+        }
 
     # --- body handling -------------------------------------------------------------------
 
@@ -192,7 +196,9 @@ class Registry:
         obj["kind"] = kind
         meta = obj.setdefault("metadata", {})
         if not isinstance(meta, dict):
-            raise bad_request(f'{rt.kind} in version "{rt.version}" cannot be handled as a {rt.kind}')
+            raise bad_request(
+                f'{rt.kind} in version "{rt.version}" cannot be handled as a {rt.kind}'
+            )
         if rt.namespaced:
             if meta.get("namespace") and meta["namespace"] != namespace:
                 raise bad_request(
@@ -399,13 +405,17 @@ class Registry:
                 self._require_namespace(rt, namespace)
                 return self._create(rt, body, dry_run=dry_run), True
             patched = patch.strategic_merge_patch(old_or_none, document)
-            return self._update(rt, old_or_none, self._prepare(rt, namespace, patched), dry_run=dry_run), False
+            return self._update(
+                rt, old_or_none, self._prepare(rt, namespace, patched), dry_run=dry_run
+            ), False
 
         old = self.get(rt, namespace, name)
         if media == patch.JSON_PATCH:
             result = patch.json_patch(old, document)
         elif not isinstance(document, dict):
-            raise bad_request("json: cannot unmarshal array into Go value of type map[string]interface {}")
+            raise bad_request(
+                "json: cannot unmarshal array into Go value of type map[string]interface {}"
+            )
         elif media == patch.MERGE_PATCH:
             result = patch.merge_patch(old, document)
         else:
@@ -535,7 +545,9 @@ class Registry:
 
     # --- internal writes -----------------------------------------------------------------
 
-    def write_internal(self, rt: ResourceType, obj: JsonObject, *, check_schema: bool = True) -> JsonObject:
+    def write_internal(
+        self, rt: ResourceType, obj: JsonObject, *, check_schema: bool = True
+    ) -> JsonObject:
         """Store a controller's change to an existing object (status, finalizers, binding).
 
         Skipped when nothing changed. The schema check catches bugs of the double itself.
@@ -550,4 +562,3 @@ class Registry:
             raise invalid(rt.kind, rt.group, meta["name"], errors)
         obj["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
         return self._write(rt, obj)
-

@@ -49,6 +49,8 @@ def revision_hash(template: Mapping[str, Any], *, collision_count: int | None = 
     return safe_encode(str(fnv1_32(data)))
 
 
-def revision_label(set_name: str, template: Mapping[str, Any], *, collision_count: int | None = None) -> str:
+def revision_label(
+    set_name: str, template: Mapping[str, Any], *, collision_count: int | None = None
+) -> str:
     """``{set name}-{hash}``: the controller-revision-hash label value of the set's pods."""
     return f"{set_name}-{revision_hash(template, collision_count=collision_count)}"

@@ -38,6 +38,8 @@ class StoredEvent:
     resource: ResourceType
     namespace: str
     obj: JsonObject
+    # The object before this write (None for ADDED); watches with selectors need it.
+    previous: JsonObject | None = None
 
 
 @dataclass(eq=False)
@@ -126,17 +128,19 @@ class Store:
         """Delete for good; the DELETED event carries a new resourceVersion."""
         key = self._key(rt, namespace, name)
         obj = self._objects.pop(key)
+        previous = copy.deepcopy(obj)
         self._rv += 1
         obj["metadata"]["resourceVersion"] = str(self._rv)
-        self._emit(StoredEvent("DELETED", self._rv, rt, namespace, obj))
+        self._emit(StoredEvent("DELETED", self._rv, rt, namespace, obj, previous))
         return copy.deepcopy(obj)
 
     def _write(self, rt: ResourceType, key: Key, obj: JsonObject, kind: EventType) -> JsonObject:
+        previous = self._objects.get(key)
         self._rv += 1
         stored = copy.deepcopy(obj)
         stored["metadata"]["resourceVersion"] = str(self._rv)
         self._objects[key] = stored
-        self._emit(StoredEvent(kind, self._rv, rt, key[2], copy.deepcopy(stored)))
+        self._emit(StoredEvent(kind, self._rv, rt, key[2], copy.deepcopy(stored), previous))
         return copy.deepcopy(stored)
 
     def _emit(self, event: StoredEvent) -> None:

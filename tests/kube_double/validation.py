@@ -78,7 +78,9 @@ def _quantity_maps(obj: Any) -> Iterable[Mapping[str, Any]]:
                 for part in ("requests", "limits"):
                     if isinstance(value.get(part), Mapping):
                         yield value[part]
-            if key in ("capacity", "allocatable", "overhead", "hard") and isinstance(value, Mapping):
+            if key in ("capacity", "allocatable", "overhead", "hard") and isinstance(
+                value, Mapping
+            ):
                 yield value
             if key == "emptyDir" and isinstance(value, Mapping) and "sizeLimit" in value:
                 yield {"sizeLimit": value["sizeLimit"]}
@@ -129,14 +131,19 @@ def _from_schema_error(exc: kubernetes_validate.ValidationError) -> FieldError:
 # --- 3. rules -------------------------------------------------------------------------
 
 
-def meta_errors(rt: ResourceType, meta: Mapping[str, Any], *, path: str = "metadata") -> list[FieldError]:
+def meta_errors(
+    rt: ResourceType, meta: Mapping[str, Any], *, path: str = "metadata"
+) -> list[FieldError]:
     errors: list[FieldError] = []
     name = meta.get("name") or ""
     generate_name = meta.get("generateName") or ""
     if not name and not generate_name:
         errors.append(FieldError.required(f"{path}.name", "name or generateName is required"))
     elif name:
-        errors += [FieldError.invalid(f"{path}.name", name, m) for m in names.name_messages(rt.name_rule, name)]
+        errors += [
+            FieldError.invalid(f"{path}.name", name, m)
+            for m in names.name_messages(rt.name_rule, name)
+        ]
     else:
         # A prefix may end with a dash; check it as if a suffix followed.
         probe = generate_name + "x" if rt.name_rule is not NameRule.PATH_SEGMENT else generate_name
@@ -160,7 +167,9 @@ def meta_errors(rt: ResourceType, meta: Mapping[str, Any], *, path: str = "metad
     if sum(1 for ref in owners if ref.get("controller")) > 1:
         errors.append(
             FieldError.invalid(
-                f"{path}.ownerReferences", owners, "Only one reference can have Controller set to true"
+                f"{path}.ownerReferences",
+                owners,
+                "Only one reference can have Controller set to true",
             )
         )
     return errors
@@ -189,8 +198,16 @@ def _resource_errors(container: Mapping[str, Any], path: str) -> list[FieldError
         values[part] = {}
         for name, raw in (resources.get(part) or {}).items():
             where = f"{path}.resources.{part}[{name}]"
-            if name not in _STANDARD_RESOURCES and "/" not in name and not name.startswith("hugepages-"):
-                errors.append(FieldError.invalid(where, name, "must be a standard resource type or fully qualified"))
+            if (
+                name not in _STANDARD_RESOURCES
+                and "/" not in name
+                and not name.startswith("hugepages-")
+            ):
+                errors.append(
+                    FieldError.invalid(
+                        where, name, "must be a standard resource type or fully qualified"
+                    )
+                )
             quantity = parse_quantity(raw)
             if quantity < 0:
                 errors.append(FieldError.invalid(where, raw, "must be greater than or equal to 0"))
@@ -209,7 +226,11 @@ def _resource_errors(container: Mapping[str, Any], path: str) -> list[FieldError
 
 
 def pod_spec_errors(
-    spec: Mapping[str, Any], path: str, *, claim_names: Sequence[str] = (), in_template: bool = False
+    spec: Mapping[str, Any],
+    path: str,
+    *,
+    claim_names: Sequence[str] = (),
+    in_template: bool = False,
 ) -> list[FieldError]:
     errors: list[FieldError] = []
     volumes = spec.get("volumes") or []
@@ -231,7 +252,10 @@ def pod_spec_errors(
         for index, container in enumerate(spec.get(field) or []):
             where = f"{path}.{field}[{index}]"
             name = container.get("name", "")
-            errors += [FieldError.invalid(f"{where}.name", name, m) for m in names.dns1123_label_messages(name)]
+            errors += [
+                FieldError.invalid(f"{where}.name", name, m)
+                for m in names.dns1123_label_messages(name)
+            ]
             if name in seen:
                 errors.append(FieldError.duplicate(f"{where}.name", name))
             seen.add(name)
@@ -243,19 +267,35 @@ def pod_spec_errors(
                 number = port.get("containerPort", 0)
                 if not 1 <= number <= 65535:
                     errors.append(
-                        FieldError.invalid(f"{p_where}.containerPort", number, "must be between 1 and 65535, inclusive")
+                        FieldError.invalid(
+                            f"{p_where}.containerPort",
+                            number,
+                            "must be between 1 and 65535, inclusive",
+                        )
                     )
                 if port_name := port.get("name"):
-                    errors += [FieldError.invalid(f"{p_where}.name", port_name, m) for m in _port_name_messages(port_name)]
+                    errors += [
+                        FieldError.invalid(f"{p_where}.name", port_name, m)
+                        for m in _port_name_messages(port_name)
+                    ]
                     if port_name in port_names:
                         errors.append(FieldError.duplicate(f"{p_where}.name", port_name))
                     port_names.add(port_name)
                 protocol = port.get("protocol", "TCP")
                 if protocol not in ("TCP", "UDP", "SCTP"):
-                    errors.append(FieldError.not_supported(f"{p_where}.protocol", protocol, ["SCTP", "TCP", "UDP"]))
+                    errors.append(
+                        FieldError.not_supported(
+                            f"{p_where}.protocol", protocol, ["SCTP", "TCP", "UDP"]
+                        )
+                    )
             for e_index, env in enumerate(container.get("env") or []):
                 env_name = env.get("name", "")
-                if not env_name or "=" in env_name or not env_name.isprintable() or not env_name.isascii():
+                if (
+                    not env_name
+                    or "=" in env_name
+                    or not env_name.isprintable()
+                    or not env_name.isascii()
+                ):
                     errors.append(
                         FieldError.invalid(
                             f"{where}.env[{e_index}].name",
@@ -266,11 +306,17 @@ def pod_spec_errors(
                     )
             for m_index, mount in enumerate(container.get("volumeMounts") or []):
                 if mount.get("name") not in mountable:
-                    errors.append(FieldError.not_found(f"{where}.volumeMounts[{m_index}].name", mount.get("name")))
+                    errors.append(
+                        FieldError.not_found(
+                            f"{where}.volumeMounts[{m_index}].name", mount.get("name")
+                        )
+                    )
             policy = container.get("imagePullPolicy", "IfNotPresent")
             if policy not in ("Always", "IfNotPresent", "Never"):
                 errors.append(
-                    FieldError.not_supported(f"{where}.imagePullPolicy", policy, ["Always", "IfNotPresent", "Never"])
+                    FieldError.not_supported(
+                        f"{where}.imagePullPolicy", policy, ["Always", "IfNotPresent", "Never"]
+                    )
                 )
             errors += _resource_errors(container, where)
 
@@ -280,7 +326,10 @@ def pod_spec_errors(
         errors.append(FieldError.not_supported(f"{path}.restartPolicy", restart, allowed))
     for field in ("hostname", "subdomain"):
         if value := spec.get(field):
-            errors += [FieldError.invalid(f"{path}.{field}", value, m) for m in names.dns1123_label_messages(value)]
+            errors += [
+                FieldError.invalid(f"{path}.{field}", value, m)
+                for m in names.dns1123_label_messages(value)
+            ]
     return errors
 
 
@@ -288,7 +337,9 @@ def _claim_spec_errors(spec: Mapping[str, Any], path: str) -> list[FieldError]:
     errors: list[FieldError] = []
     modes = spec.get("accessModes") or []
     if not modes:
-        errors.append(FieldError.required(f"{path}.accessModes", "at least 1 access mode is required"))
+        errors.append(
+            FieldError.required(f"{path}.accessModes", "at least 1 access mode is required")
+        )
     for mode in modes:
         if mode not in _ACCESS_MODES:
             errors.append(FieldError.not_supported(f"{path}.accessModes", mode, _ACCESS_MODES))
@@ -296,7 +347,11 @@ def _claim_spec_errors(spec: Mapping[str, Any], path: str) -> list[FieldError]:
     if "storage" not in requests:
         errors.append(FieldError.required(f"{path}.resources[storage]"))
     elif parse_quantity(requests["storage"]) <= 0:
-        errors.append(FieldError.invalid(f"{path}.resources[storage]", requests["storage"], "must be greater than zero"))
+        errors.append(
+            FieldError.invalid(
+                f"{path}.resources[storage]", requests["storage"], "must be greater than zero"
+            )
+        )
     mode = spec.get("volumeMode", "Filesystem")
     if mode not in ("Block", "Filesystem"):
         errors.append(FieldError.not_supported(f"{path}.volumeMode", mode, ["Block", "Filesystem"]))
@@ -308,39 +363,66 @@ def _statefulset_errors(obj: JsonObject) -> list[FieldError]:
     errors: list[FieldError] = []
     replicas = spec.get("replicas", 1)
     if replicas < 0:
-        errors.append(FieldError.invalid("spec.replicas", replicas, "must be greater than or equal to 0"))
+        errors.append(
+            FieldError.invalid("spec.replicas", replicas, "must be greater than or equal to 0")
+        )
     if (ready := spec.get("minReadySeconds", 0)) < 0:
-        errors.append(FieldError.invalid("spec.minReadySeconds", ready, "must be greater than or equal to 0"))
+        errors.append(
+            FieldError.invalid("spec.minReadySeconds", ready, "must be greater than or equal to 0")
+        )
     policy = spec.get("podManagementPolicy", "OrderedReady")
     if policy not in ("OrderedReady", "Parallel"):
-        errors.append(FieldError.not_supported("spec.podManagementPolicy", policy, ["OrderedReady", "Parallel"]))
+        errors.append(
+            FieldError.not_supported(
+                "spec.podManagementPolicy", policy, ["OrderedReady", "Parallel"]
+            )
+        )
     strategy = (spec.get("updateStrategy") or {}).get("type", "RollingUpdate")
     if strategy not in ("RollingUpdate", "OnDelete"):
-        errors.append(FieldError.not_supported("spec.updateStrategy.type", strategy, ["OnDelete", "RollingUpdate"]))
+        errors.append(
+            FieldError.not_supported(
+                "spec.updateStrategy.type", strategy, ["OnDelete", "RollingUpdate"]
+            )
+        )
     retention = spec.get("persistentVolumeClaimRetentionPolicy") or {}
     for field in ("whenDeleted", "whenScaled"):
         value = retention.get(field, "Retain")
         if value not in ("Retain", "Delete"):
             errors.append(
-                FieldError.not_supported(f"spec.persistentVolumeClaimRetentionPolicy.{field}", value, ["Retain", "Delete"])
+                FieldError.not_supported(
+                    f"spec.persistentVolumeClaimRetentionPolicy.{field}",
+                    value,
+                    ["Retain", "Delete"],
+                )
             )
     if service_name := spec.get("serviceName"):
-        errors += [FieldError.invalid("spec.serviceName", service_name, m) for m in names.dns1123_label_messages(service_name)]
+        errors += [
+            FieldError.invalid("spec.serviceName", service_name, m)
+            for m in names.dns1123_label_messages(service_name)
+        ]
 
     selector = spec.get("selector")
     template = spec.get("template") or {}
     template_meta = template.get("metadata") or {}
     template_labels = template_meta.get("labels") or {}
     if not selector or not (selector.get("matchLabels") or selector.get("matchExpressions")):
-        errors.append(FieldError.invalid("spec.selector", selector or {}, "empty selector is invalid for statefulset"))
+        errors.append(
+            FieldError.invalid(
+                "spec.selector", selector or {}, "empty selector is invalid for statefulset"
+            )
+        )
     elif not labels_match(selector_from_object(selector), template_labels):
         errors.append(
             FieldError.invalid(
-                "spec.template.metadata.labels", template_labels, "`selector` does not match template `labels`"
+                "spec.template.metadata.labels",
+                template_labels,
+                "`selector` does not match template `labels`",
             )
         )
     errors += names.labels_errors(template_meta.get("labels"), "spec.template.metadata.labels")
-    errors += names.annotations_errors(template_meta.get("annotations"), "spec.template.metadata.annotations")
+    errors += names.annotations_errors(
+        template_meta.get("annotations"), "spec.template.metadata.annotations"
+    )
 
     claim_names: list[str] = []
     for index, claim in enumerate(spec.get("volumeClaimTemplates") or []):
@@ -348,7 +430,9 @@ def _statefulset_errors(obj: JsonObject) -> list[FieldError]:
         claim_meta = claim.get("metadata") or {}
         claim_name = claim_meta.get("name", "")
         if not claim_name:
-            errors.append(FieldError.required(f"{where}.metadata.name", "name or generateName is required"))
+            errors.append(
+                FieldError.required(f"{where}.metadata.name", "name or generateName is required")
+            )
         else:
             errors += [
                 FieldError.invalid(f"{where}.metadata.name", claim_name, m)
@@ -381,21 +465,37 @@ def _service_errors(obj: JsonObject) -> list[FieldError]:
         if len(ports) > 1 and not name:
             errors.append(FieldError.required(f"{where}.name"))
         if name:
-            errors += [FieldError.invalid(f"{where}.name", name, m) for m in names.dns1123_label_messages(name)]
+            errors += [
+                FieldError.invalid(f"{where}.name", name, m)
+                for m in names.dns1123_label_messages(name)
+            ]
             if name in port_names:
                 errors.append(FieldError.duplicate(f"{where}.name", name))
             port_names.add(name)
         number = port.get("port", 0)
         if not 1 <= number <= 65535:
-            errors.append(FieldError.invalid(f"{where}.port", number, "must be between 1 and 65535, inclusive"))
+            errors.append(
+                FieldError.invalid(
+                    f"{where}.port", number, "must be between 1 and 65535, inclusive"
+                )
+            )
         target = port.get("targetPort")
         if isinstance(target, int) and not 1 <= target <= 65535:
-            errors.append(FieldError.invalid(f"{where}.targetPort", target, "must be between 1 and 65535, inclusive"))
+            errors.append(
+                FieldError.invalid(
+                    f"{where}.targetPort", target, "must be between 1 and 65535, inclusive"
+                )
+            )
         elif isinstance(target, str):
-            errors += [FieldError.invalid(f"{where}.targetPort", target, m) for m in _port_name_messages(target)]
+            errors += [
+                FieldError.invalid(f"{where}.targetPort", target, m)
+                for m in _port_name_messages(target)
+            ]
         protocol = port.get("protocol", "TCP")
         if protocol not in ("TCP", "UDP", "SCTP"):
-            errors.append(FieldError.not_supported(f"{where}.protocol", protocol, ["SCTP", "TCP", "UDP"]))
+            errors.append(
+                FieldError.not_supported(f"{where}.protocol", protocol, ["SCTP", "TCP", "UDP"])
+            )
     errors += names.labels_errors(spec.get("selector"), "spec.selector")
     return errors
 
@@ -417,7 +517,9 @@ def _configmap_errors(obj: JsonObject) -> list[FieldError]:
                     )
                 )
             if key in keys:
-                errors.append(FieldError.invalid(f"{field}[{key}]", key, "duplicate of key present in data"))
+                errors.append(
+                    FieldError.invalid(f"{field}[{key}]", key, "duplicate of key present in data")
+                )
             keys.add(key)
             total += len(key) + len(str(value))
     if total > CONFIGMAP_SIZE_LIMIT:
@@ -463,8 +565,13 @@ def update_errors(rt: ResourceType, old: JsonObject, new: JsonObject) -> list[Fi
             )
     elif rt is SERVICES:
         if old_spec.get("clusterIP") and new_spec.get("clusterIP") != old_spec.get("clusterIP"):
-            errors.append(FieldError.invalid("spec.clusterIP", new_spec.get("clusterIP", ""), "field is immutable"))
+            errors.append(
+                FieldError.invalid(
+                    "spec.clusterIP", new_spec.get("clusterIP", ""), "field is immutable"
+                )
+            )
     elif rt is PERSISTENTVOLUMECLAIMS:
+
         def without_requests(spec: Mapping[str, Any]) -> dict[str, Any]:
             copy = dict(spec)
             resources = dict(copy.get("resources") or {})
@@ -484,9 +591,13 @@ def update_errors(rt: ResourceType, old: JsonObject, new: JsonObject) -> list[Fi
     elif rt is CONFIGMAPS and old.get("immutable"):
         for field in ("data", "binaryData"):
             if old.get(field) != new.get(field):
-                errors.append(FieldError.forbidden(field, "field is immutable when `immutable` is set"))
+                errors.append(
+                    FieldError.forbidden(field, "field is immutable when `immutable` is set")
+                )
         if new.get("immutable") is not True:
-            errors.append(FieldError.forbidden("immutable", "field is immutable when `immutable` is set"))
+            errors.append(
+                FieldError.forbidden("immutable", "field is immutable when `immutable` is set")
+            )
     elif rt is PODS:
         if {k: v for k, v in old_spec.items() if k != "containers"} != {
             k: v for k, v in new_spec.items() if k != "containers"
@@ -494,7 +605,10 @@ def update_errors(rt: ResourceType, old: JsonObject, new: JsonObject) -> list[Fi
             c.get("name") for c in new_spec.get("containers", [])
         ]:
             errors.append(
-                FieldError.forbidden("spec", "pod updates may not change fields other than `spec.containers[*].image`")
+                FieldError.forbidden(
+                    "spec",
+                    "pod updates may not change fields other than `spec.containers[*].image`",
+                )
             )
 
     old_meta = old.get("metadata") or {}
@@ -503,7 +617,10 @@ def update_errors(rt: ResourceType, old: JsonObject, new: JsonObject) -> list[Fi
         added = set(new_meta.get("finalizers") or []) - set(old_meta.get("finalizers") or [])
         if added:
             errors.append(
-                FieldError.forbidden("metadata.finalizers", "no new finalizers can be added if the object is being deleted")
+                FieldError.forbidden(
+                    "metadata.finalizers",
+                    "no new finalizers can be added if the object is being deleted",
+                )
             )
     return errors
 
@@ -511,7 +628,9 @@ def update_errors(rt: ResourceType, old: JsonObject, new: JsonObject) -> list[Fi
 def validate(rt: ResourceType, obj: JsonObject, *, old: JsonObject | None = None) -> None:
     """Raise 422 Invalid (or 400 for undecodable quantities) unless ``obj`` is acceptable."""
     check_decodable(rt, obj)
-    name = (obj.get("metadata") or {}).get("name") or (obj.get("metadata") or {}).get("generateName", "")
+    name = (obj.get("metadata") or {}).get("name") or (obj.get("metadata") or {}).get(
+        "generateName", ""
+    )
     errors = schema_errors(obj)
     if errors:
         raise invalid(rt.kind, rt.group, name, errors)
