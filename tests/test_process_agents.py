@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -15,7 +14,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from agentapi_proxy.v1 import agent_service_pb2 as pb
 from agentapi_proxy.v1 import agent_service_pb2_grpc as pb_grpc
-from tests.harness import ProxyProcess, group_members, port_is_free, running_proxy, stub
+from tests.harness import ProxyProcess, eventually, group_members, port_is_free, running_proxy, stub
 
 REFERENCE = f"{sys.executable} -m agentapi_proxy.reference_agent --port {{port}}"
 
@@ -234,9 +233,7 @@ class TestFailures:
             proxy.stop(signal.SIGKILL)
             pgid = agent_pid(proxy, "dies")
             os.killpg(pgid, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while group_members(pgid) and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            await eventually(lambda: not group_members(pgid))
 
             proxy.start()
             channel, agents = stub(proxy.grpc_target)

@@ -234,6 +234,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
         self, request: pb.WatchAgentRequest, context: Context
     ) -> AsyncIterator[pb.WatchAgentResponse]:
         agent_id = (await self._visible(request.agent_id, Permission.ACCESS)).agent_id
+        # Tells the gateway the call was accepted before the first change arrives.
+        await context.send_initial_metadata(())
         last = None
         async for info in self._driver.watch(agent_id):
             last = info
@@ -268,7 +270,10 @@ class AgentService(pb_grpc.AgentServiceServicer):
             previous=request.previous,
             limit_bytes=request.limit_bytes if request.HasField("limit_bytes") else None,
         )
-        async for item in self._driver.logs(agent_id, options):
+        chunks = await self._driver.logs(agent_id, options)
+        # A quiet agent may print nothing for long: answer "accepted" right away.
+        await context.send_initial_metadata(())
+        async for item in chunks:
             if isinstance(item, StreamEnd):
                 yield pb.StreamLogsResponse(
                     end=pb.StreamEnd(reason=item.reason, message=item.message)

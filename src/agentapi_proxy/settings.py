@@ -115,6 +115,14 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class ClientSettings:
+    # Control plane the ``agentapi-proxy`` client commands dial; empty: gateway.control_plane.
+    address: str = ""
+    # Sent as ``x-api-key``; kept out of reprs so it never reaches a log line.
+    api_key: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
 class Settings:
     state_dir: str = "~/.local/state/agentapi-proxy"
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -123,6 +131,7 @@ class Settings:
     provision_mode: ProvisionModeSettings = field(default_factory=ProvisionModeSettings)
     log: LogSettings = field(default_factory=LogSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    client: ClientSettings = field(default_factory=ClientSettings)
 
     @property
     def state_path(self) -> Path:
@@ -385,6 +394,9 @@ def _check(value: Any, prefix: tuple[str, ...], source_of: Any) -> None:
         for name in ("grpc_listen", "listen", "control_plane"):
             if hasattr(value, name) and not re.fullmatch(r".+:\d{1,5}", getattr(value, name)):
                 raise fail(name, "a host:port address")
+    elif isinstance(value, ClientSettings):
+        if value.address and not re.fullmatch(r".+:\d{1,5}", value.address):
+            raise fail("address", "a host:port address")
 
 
 def python_executable() -> str:

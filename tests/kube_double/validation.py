@@ -646,4 +646,4 @@ def raise_if(errors: list[FieldError], rt: ResourceType, name: str) -> None:
         raise invalid(rt.kind, rt.group, name, errors)
 
 
-__all__ = ["ApiError", "SCHEMA_VERSION", "check_decodable", "field_path", "validate"]
+__all__ = ["SCHEMA_VERSION", "ApiError", "check_decodable", "field_path", "validate"]

@@ -49,12 +49,14 @@ class Driver(abc.ABC):
         """
 
     @abc.abstractmethod
-    def logs(self, agent_id: str, options: LogOptions) -> AsyncIterator[bytes | StreamEnd]:
-        """Log data in chunks of whole lines (very long lines split).
+    async def logs(self, agent_id: str, options: LogOptions) -> AsyncIterator[bytes | StreamEnd]:
+        """Open the log; returns an iterator of chunks of whole lines (very long lines split).
 
-        With ``follow`` the iterator waits for new data and ends when the
-        agent is deleted, yielding a StreamEnd first. Raises NotFound, and
-        FailedPrecondition for ``previous`` without a previous run.
+        Every error a caller can act on is raised here, before the first
+        chunk: NotFound, FailedPrecondition for ``previous`` without a
+        previous run or a container that cannot start. With ``follow`` the
+        iterator waits for new data and ends when the agent is deleted,
+        yielding a StreamEnd first.
         """
 
     @abc.abstractmethod

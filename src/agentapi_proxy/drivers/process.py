@@ -280,10 +280,15 @@ class ProcessDriver(Driver):
                 f"agent {agent_id!r} has no previous run: it has not been restarted",
                 reason="NoPreviousRun",
             )
+        return self._read_logs(agent, path, options)
+
+    async def _read_logs(
+        self, agent: _Agent, path: Path, options: LogOptions
+    ) -> AsyncIterator[bytes | StreamEnd]:
         async for chunk in logs.read_log(path, options, stopped=agent.logs_done):
             yield chunk
         if options.follow and agent.phase == "deleting":
-            yield StreamEnd("AgentDeleted", f"agent {agent_id!r} was deleted")
+            yield StreamEnd("AgentDeleted", f"agent {agent.spec.agent_id!r} was deleted")
 
     async def endpoint(self, agent_id: str) -> Endpoint:
         agent = self._find(agent_id)

@@ -293,60 +293,51 @@ class StatefulSetDriver(Driver):
         await self.get(agent_id)
         pod = objects.pod_name(agent_id)
         url = f"{self._configuration.host}/api/v1/namespaces/{self._namespace}/pods/{pod}/log"
-        params = {"container": objects.CONTAINER_NAME}
-        if options.follow:
-            params["follow"] = "true"
-        if options.tail_lines is not None:
-            params["tailLines"] = str(options.tail_lines)
-        if options.since_time is not None:
-            params["sinceTime"] = options.since_time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        if options.timestamps:
-            params["timestamps"] = "true"
-        if options.previous:
-            params["previous"] = "true"
-        if options.limit_bytes is not None:
-            params["limitBytes"] = str(options.limit_bytes)
+        params = _log_params(options)
 
         while True:
-            async with self._http.get(
+            response = await self._http.get(
                 url, params=params, headers=self._auth_headers(), ssl=self._ssl or True
-            ) as response:
-                if response.status == 200:
-                    pending = b""
-                    async for chunk in response.content.iter_chunked(LOG_CHUNK_BYTES):
-                        pending += chunk
-                        cut = pending.rfind(b"\n") + 1
-                        if cut == 0 and len(pending) < LOG_CHUNK_BYTES:
-                            continue
-                        cut = cut or len(pending)
-                        yield pending[:cut]
-                        pending = pending[cut:]
-                    if pending:
-                        yield pending
-                    break
-                text = await response.text()
-                message = _status_message(text)
-                if response.status == 403:
-                    raise PermissionDenied(_rbac_hint(message))
-                if response.status in {400, 404} and any(m in message for m in NOT_STARTED_MARKERS):
-                    if options.previous:
-                        raise FailedPrecondition(
-                            f"agent {agent_id!r} has no previous run: {message}",
-                            reason="NoPreviousRun",
-                        )
-                    # K03: wait for the container, unless it cannot start at all.
-                    info = await self.get(agent_id)
-                    if info.state is State.FAILED or not options.follow:
-                        raise FailedPrecondition(
-                            f"agent {agent_id!r} has no log yet: {info.reason or 'not started'}: "
-                            f"{info.message or message}",
-                            reason=info.reason,
-                        )
-                    await asyncio.sleep(1.0)
-                    continue
-                raise _from_status(response.status, message)
+            )
+            if response.status == 200:
+                return self._read_logs(agent_id, response, follow=options.follow)
+            async with response:
+                message = _status_message(await response.text())
+            if response.status in {400, 404} and any(m in message for m in NOT_STARTED_MARKERS):
+                if options.previous:
+                    raise FailedPrecondition(
+                        f"agent {agent_id!r} has no previous run: {message}",
+                        reason="NoPreviousRun",
+                    )
+                # K03: a follower waits for the container, unless it cannot start at all.
+                info = await self.get(agent_id)
+                if info.state is State.FAILED or not options.follow:
+                    raise FailedPrecondition(
+                        f"agent {agent_id!r} has no log yet: {info.reason or 'not started'}: "
+                        f"{info.message or message}",
+                        reason=info.reason,
+                    )
+                await asyncio.sleep(1.0)
+                continue
+            raise _from_status(response.status, message)
 
-        if options.follow:
+    async def _read_logs(
+        self, agent_id: str, response: aiohttp.ClientResponse, *, follow: bool
+    ) -> AsyncIterator[bytes | StreamEnd]:
+        async with response:
+            pending = b""
+            async for chunk in response.content.iter_chunked(LOG_CHUNK_BYTES):
+                pending += chunk
+                # Whole lines per message, unless one line outgrows a chunk.
+                cut = pending.rfind(b"\n") + 1
+                if cut == 0 and len(pending) < LOG_CHUNK_BYTES:
+                    continue
+                cut = cut or len(pending)
+                yield pending[:cut]
+                pending = pending[cut:]
+            if pending:
+                yield pending
+        if follow:
             try:
                 await self.get(agent_id)
             except NotFound:
@@ -540,6 +531,23 @@ class StatefulSetDriver(Driver):
         prefix = self._configuration.api_key_prefix.get("authorization", "")
         value = f"{prefix} {token}".strip() if prefix and not token.startswith(prefix) else token
         return {"Authorization": value}
+
+
+def _log_params(options: LogOptions) -> dict[str, str]:
+    params = {"container": objects.CONTAINER_NAME}
+    if options.follow:
+        params["follow"] = "true"
+    if options.tail_lines is not None:
+        params["tailLines"] = str(options.tail_lines)
+    if options.since_time is not None:
+        params["sinceTime"] = options.since_time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if options.timestamps:
+        params["timestamps"] = "true"
+    if options.previous:
+        params["previous"] = "true"
+    if options.limit_bytes is not None:
+        params["limitBytes"] = str(options.limit_bytes)
+    return params
 
 
 def _ssl_context(configuration: k8s.Configuration) -> ssl.SSLContext | None:
