@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-from agentapi_proxy import logconfig
+from agentapi_proxy import client_cli, logconfig
 from agentapi_proxy.settings import Settings, SettingsError, load_settings, unknown_env_names
 
 logger = logging.getLogger("agentapi_proxy")
@@ -31,7 +31,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands.add_parser("serve", help="run the control plane and the HTTP gateway")
     commands.add_parser("control-plane", help="run only the gRPC control plane")
     commands.add_parser("gateway", help="run only the HTTP gateway")
+    client_cli.add_commands(parser, commands)
     args = parser.parse_args(argv)
+    if args.command in client_cli.COMMANDS:
+        raise SystemExit(client_cli.run(args))
+    client_cli.reject_connection_options(parser, args)
 
     try:
         settings = load_settings(args.config)

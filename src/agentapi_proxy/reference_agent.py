@@ -483,7 +483,11 @@ class ReferenceAgent:
         self._shutting_down = False
 
     def create_app(self) -> web.Application:
-        app = web.Application(middlewares=[_problem_middleware, self._host_middleware])
+        app = web.Application(
+            middlewares=[_problem_middleware, self._host_middleware],
+            # Large messages and uploads are the agent's business (K07), not a transport limit.
+            client_max_size=MAX_UPLOAD_BYTES + 1024 * 1024,
+        )
         app.router.add_get("/status", self._handle_status)
         app.router.add_get("/messages", self._handle_messages)
         app.router.add_post("/message", self._handle_message)

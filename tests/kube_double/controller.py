@@ -118,7 +118,9 @@ class StatefulSetController:
         uid = meta["uid"]
         selector = selector_from_object(spec.get("selector"))
         update_revision = revision_label(
-            name, spec["template"], collision_count=(sts.get("status") or {}).get("collisionCount")
+            name,
+            spec["template"],
+            collision_count=int((sts.get("status") or {}).get("collisionCount") or 0),
         )
 
         pods: dict[int, JsonObject] = {}
@@ -140,12 +142,13 @@ class StatefulSetController:
         parallel = spec.get("podManagementPolicy") == "Parallel"
 
         for ordinal in range(replicas):
-            pod = pods.get(ordinal)
-            if pod is None:
+            existing = pods.get(ordinal)
+            if existing is None:
                 self._create_pod(sts, ordinal, update_revision)
                 if not parallel:
                     break
                 continue
+            pod = existing
             if not (pod.get("spec") or {}).get("nodeName") and not pod["metadata"].get(
                 "deletionTimestamp"
             ):

@@ -49,11 +49,11 @@ class EventRecorder:
         now = rfc3339()
 
         if key in self._names:
-            event = self._registry.find(EVENTS, *self._names[key])
-            if event is not None:
-                event["count"] = int(event.get("count", 1)) + 1
-                event["lastTimestamp"] = now
-                self._registry.write_internal(EVENTS, event, check_schema=False)
+            existing = self._registry.find(EVENTS, *self._names[key])
+            if existing is not None:
+                existing["count"] = int(existing.get("count", 1)) + 1
+                existing["lastTimestamp"] = now
+                self._registry.write_internal(EVENTS, existing, check_schema=False)
                 return
 
         involved: JsonObject = {

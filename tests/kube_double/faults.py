@@ -62,7 +62,8 @@ class ErrorInjection:
             503: "the server is currently unable to handle the request",
             500: "an error on the server has prevented the request from succeeding",
             429: "the server has received too many requests and has asked us to try again later",
-            504: "the server was unable to return a response in the time allotted, but may still be processing the request",
+            504: "the server was unable to return a response in the time allotted, but may "
+            "still be processing the request",
         }.get(self.code, "injected failure")
         return status_object(self.code, reason_for_code(self.code), message)
 
@@ -99,6 +100,12 @@ class Faults:
             ):
                 total += seconds
         return total
+
+    def clear_unavailable(self) -> None:
+        """Remove the catch-all 503 that ``KubeDouble.set_unavailable`` adds."""
+        self.injections = [
+            i for i in self.injections if (i.code, i.verb, i.resource) != (503, None, None)
+        ]
 
     def take_injection(self, verb: str, resource: str) -> ErrorInjection | None:
         """The first matching injection, counting one use of it."""

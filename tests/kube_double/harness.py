@@ -10,6 +10,7 @@ double's loop and waits for it (a few milliseconds).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import concurrent.futures
 import logging
 import secrets
@@ -47,7 +48,9 @@ def _resource(name: str) -> ResourceType:
     try:
         return BY_PLURAL[name]
     except KeyError:
-        raise ValueError(f"the double does not serve {name!r}; use one of {sorted(BY_PLURAL)}") from None
+        raise ValueError(
+            f"the double does not serve {name!r}; use one of {sorted(BY_PLURAL)}"
+        ) from None
 
 
 class KubeDouble:
@@ -110,7 +113,9 @@ class KubeDouble:
         if self._loop is not None:
             raise RuntimeError("KubeDouble already started")
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="kube-double", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="kube-double", daemon=True
+        )
         self._thread.start()
         try:
             self._await(self._start_async(), timeout=30)
@@ -222,14 +227,18 @@ class KubeDouble:
         ns = (namespace or self.namespace) if rt.namespaced else ""
         return self._call(lambda: self.cluster.store.get(rt, ns, name))
 
-    def list(self, resource: str, *, namespace: str | None = None) -> list[JsonObject]:
+    def list(self, resource: str, *, namespace: str | None = None) -> builtins.list[JsonObject]:
         rt = _resource(resource)
         ns = (namespace or self.namespace) if rt.namespaced else None
         return self._call(lambda: self.cluster.store.list(rt, ns))
 
     def events(
-        self, *, involved: str | None = None, reason: str | None = None, namespace: str | None = None
-    ) -> list[JsonObject]:
+        self,
+        *,
+        involved: str | None = None,
+        reason: str | None = None,
+        namespace: str | None = None,
+    ) -> builtins.list[JsonObject]:
         """Events, optionally only those about object ``involved`` or with ``reason``."""
         return [
             event
@@ -253,7 +262,7 @@ class KubeDouble:
             time.sleep(0.02)
 
     @property
-    def internal_errors(self) -> list[str]:
+    def internal_errors(self) -> builtins.list[str]:
         """Failures of the double's own controllers (bugs in the double); should stay empty."""
         return self._call(lambda: list(self.cluster.internal_errors))
 
@@ -265,7 +274,7 @@ class KubeDouble:
 
     def requests(
         self, *, verb: str | None = None, resource: str | None = None, name: str | None = None
-    ) -> list[RecordedRequest]:
+    ) -> builtins.list[RecordedRequest]:
         """Requests received so far; ``resource`` may name a subresource (``pods/log``)."""
         return self._call(
             lambda: [
@@ -282,9 +291,7 @@ class KubeDouble:
 
     def permissions_used(self) -> set[tuple[str, str, str]]:
         """(API group, resource[/subresource], verb) of every resource request so far."""
-        return {
-            (r.group, r.full_resource, r.verb) for r in self.requests() if r.resource
-        }
+        return {(r.group, r.full_resource, r.verb) for r in self.requests() if r.resource}
 
     # --- knobs: API server ---------------------------------------------------------------
 
@@ -324,14 +331,20 @@ class KubeDouble:
             self._call(
                 lambda: self.cluster.faults.injections.__setitem__(
                     slice(None),
-                    [i for i in self.cluster.faults.injections if not (i.code == 503 and i.verb is None and i.resource is None)],
+                    [
+                        i
+                        for i in self.cluster.faults.injections
+                        if not (i.code == 503 and i.verb is None and i.resource is None)
+                    ],
                 )
             )
 
     def clear_errors(self) -> None:
         self._call(self.cluster.faults.injections.clear)
 
-    def set_latency(self, seconds: float, *, verb: str | None = None, resource: str | None = None) -> None:
+    def set_latency(
+        self, seconds: float, *, verb: str | None = None, resource: str | None = None
+    ) -> None:
         """Delay matching requests by ``seconds`` (0 removes the delay)."""
 
         def change() -> None:
@@ -357,7 +370,9 @@ class KubeDouble:
 
     def crash_loop(self, pod: str, *, exit_code: int = 1, reason: str = "Error") -> None:
         """The containers of pod ``pod`` exit with ``exit_code`` shortly after every start."""
-        self._call(lambda: self.cluster.faults.crash_loops.__setitem__(pod, CrashLoop(exit_code, reason)))
+        self._call(
+            lambda: self.cluster.faults.crash_loops.__setitem__(pod, CrashLoop(exit_code, reason))
+        )
 
     def stop_crash_loop(self, pod: str) -> None:
         self._call(lambda: self.cluster.faults.crash_loops.pop(pod, None))
@@ -381,7 +396,9 @@ class KubeDouble:
 
         self._call(change)
 
-    def set_default_storage_class(self, name: str | None, *, binding_mode: str = "Immediate") -> None:
+    def set_default_storage_class(
+        self, name: str | None, *, binding_mode: str = "Immediate"
+    ) -> None:
         """Make ``name`` the only (default) StorageClass; None removes every StorageClass,
         so claims without an explicit class stay Pending."""
 
@@ -434,7 +451,12 @@ class KubeDouble:
         )
 
     def serve_pod(
-        self, pod: str, address: tuple[str, int], *, port: int | None = None, namespace: str | None = None
+        self,
+        pod: str,
+        address: tuple[str, int],
+        *,
+        port: int | None = None,
+        namespace: str | None = None,
     ) -> None:
         """Route pods/proxy (to ``port``, or any port when None) of ``pod`` to a local server."""
         ns = namespace or self.namespace

@@ -81,11 +81,9 @@ class Scheduler:
                 continue
             class_name = (pvc.get("spec") or {}).get("storageClassName")
             sc = registry.find(STORAGECLASSES, "", class_name) if class_name else None
-            if (
-                sc is not None
-                and sc.get("volumeBindingMode") == "WaitForFirstConsumer"
-                and self._cluster.faults.provisioning_failure is None
-            ):
+            if sc is not None and self._cluster.faults.provisioning_failure is None:
+                # The volume controller will bind it (now, or once this pod is its first
+                # consumer): wait quietly instead of reporting a transient failure.
                 waiting = True
                 continue
             return "pod has unbound immediate PersistentVolumeClaims", False

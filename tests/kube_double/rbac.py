@@ -95,7 +95,12 @@ class Authorizer:
         raise forbidden_error(attrs)
 
     def allow_reason(self, attrs: Attributes) -> str:
-        return f'RBAC: allowed by RoleBinding "kube-double" of Role "kube-double" to User "{attrs.user}"'
+        """The ``reason`` of an allowing SelfSubjectAccessReview, worded like RBAC's."""
+        subject = f'User "{attrs.user}"'
+        if attrs.user.startswith("system:serviceaccount:"):
+            namespace, _, name = attrs.user.removeprefix("system:serviceaccount:").partition(":")
+            subject = f'ServiceAccount "{name}/{namespace}"'
+        return f'RBAC: allowed by RoleBinding "kube-double" of Role "kube-double" to {subject}'
 
 
 def forbidden_message(attrs: Attributes) -> str:

@@ -67,7 +67,7 @@ _PROPAGATION: Final = ("Foreground", "Background", "Orphan")
 
 def _ordered(obj: JsonObject) -> JsonObject:
     """kind, apiVersion, metadata first, as the real server serializes."""
-    head = {k: obj[k] for k in ("kind", "apiVersion", "metadata") if k in obj}
+    head: JsonObject = {k: obj[k] for k in ("kind", "apiVersion", "metadata") if k in obj}
     return {**head, **{k: v for k, v in obj.items() if k not in head}}
 
 
@@ -300,7 +300,8 @@ class Registry:
             meta["name"] = name
         elif meta["name"] != name:
             raise bad_request(
-                f"the name of the object ({meta['name']}) does not match the name on the URL ({name})"
+                f"the name of the object ({meta['name']}) does not match the name on the URL "
+                f"({name})"
             )
         old = self.get(rt, namespace, name)
         return self._update(rt, old, obj, dry_run=dry_run)
@@ -448,7 +449,8 @@ class Registry:
                 rt.plural,
                 rt.group,
                 name,
-                f"Precondition failed: UID in precondition: {uid}, UID in object meta: {meta['uid']}",
+                f"Precondition failed: UID in precondition: {uid}, "
+                f"UID in object meta: {meta['uid']}",
             )
         if (rv := preconditions.get("resourceVersion")) and rv != meta["resourceVersion"]:
             raise conflict(

@@ -216,7 +216,7 @@ class ApiServer:
             headers = {"Retry-After": str(injection.retry_after)} if injection.retry_after else None
             raise ApiError(injection.status(), headers=headers)
 
-        if info.path in ("/healthz", "/livez", "/readyz", "/version"):
+        if info.path.rstrip("/") in ("/healthz", "/livez", "/readyz", "/version"):
             # Open to anyone, as with system:public-info-viewer.
             record.user = self._user_or_anonymous(request)
             return self._public(info)
@@ -254,7 +254,7 @@ class ApiServer:
     # --- non-resource paths --------------------------------------------------------------
 
     def _public(self, info: RequestInfo) -> web.StreamResponse:
-        if info.path == "/version":
+        if info.path.rstrip("/") == "/version":
             return _json(_version_info())
         return web.Response(text="ok", content_type="text/plain")
 

@@ -221,6 +221,9 @@ def _log_query(name: str, query: Mapping[str, str]) -> LogQuery:
         errors.append(FieldError.invalid("limitBytes", limit, "must be greater than 0"))
     if since_seconds is not None and since_seconds < 1:
         errors.append(FieldError.invalid("sinceSeconds", since_seconds, "must be greater than 0"))
+    stream = query.get("stream", "All")
+    if stream not in ("All", "Stdout", "Stderr"):
+        errors.append(FieldError.not_supported("stream", stream, ["All", "Stderr", "Stdout"]))
     if since_seconds is not None and since_time:
         errors.append(
             FieldError.forbidden(
@@ -254,7 +257,7 @@ def _choose_log(
     name = meta["name"]
     key = (meta["namespace"], name, container)
     statuses = (pod.get("status") or {}).get("containerStatuses") or []
-    status = next((s for s in statuses if s.get("name") == container), {})
+    status: JsonObject = next((s for s in statuses if s.get("name") == container), {})
     state = status.get("state") or {}
     last = (status.get("lastState") or {}).get("terminated")
 
@@ -360,7 +363,8 @@ async def pod_proxy(
     if not pod_ip:
         raise bad_request("address not allowed")
     refused = service_unavailable(
-        f"error trying to reach service: dial tcp {pod_ip}:{port or 80}: connect: connection refused"
+        f"error trying to reach service: dial tcp {pod_ip}:{port or 80}: "
+        "connect: connection refused"
     )
     target = cluster.pod_servers.lookup(
         info.namespace, pod_name, int(port) if port.isdigit() else None
@@ -368,9 +372,11 @@ async def pod_proxy(
     if target is None:
         raise refused
 
-    path = "/" + "/".join(info.rest)
+    # The path is in the URL, or (proxy without a path) in the "path" query parameter.
+    path = "/" + "/".join(info.rest) if info.rest else "/" + request.query.get("path", "").lstrip("/")
     if info.trailing_slash and info.rest and not path.endswith("/"):
         path += "/"
+    params = [(k, v) for k, v in request.query.items() if k != "path"]
     url = f"http://{target[0]}:{target[1]}{path}"
     headers = {
         k: v
@@ -382,7 +388,7 @@ async def pod_proxy(
         upstream = await session.request(
             request.method,
             url,
-            params=list(request.query.items()),
+            params=params,
             headers=headers,
             data=body,
             allow_redirects=False,

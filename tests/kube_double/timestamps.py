@@ -13,7 +13,7 @@ def rfc3339(at: float | None = None) -> str:
 def rfc3339_micro(at: float | None = None) -> str:
     """``metav1.MicroTime`` (Event.eventTime): microseconds, UTC."""
     at = time.time() if at is None else at
-    micros = int(round((at % 1) * 1_000_000)) % 1_000_000
+    micros = round((at % 1) * 1_000_000) % 1_000_000
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{micros:06d}Z"
 
 

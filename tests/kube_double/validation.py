@@ -42,6 +42,14 @@ _ACCESS_MODES: Final = ("ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadW
 _CONFIG_KEY: Final = re.compile(r"[-._a-zA-Z0-9]+")
 _IANA_SVC_NAME: Final = re.compile(r"[-a-z0-9]+")
 CONFIGMAP_SIZE_LIMIT: Final = 1024 * 1024
+_ENV_NAME_MSG: Final = (
+    "a valid environment variable name must consist only of printable ASCII characters "
+    "other than '='"
+)
+_CONFIG_KEY_MSG: Final = (
+    "a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. "
+    "'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')"
+)
 
 _STS_MUTABLE_SPEC: Final = frozenset(
     {
@@ -300,8 +308,7 @@ def pod_spec_errors(
                         FieldError.invalid(
                             f"{where}.env[{e_index}].name",
                             env_name,
-                            "a valid environment variable name must consist only of printable ASCII "
-                            "characters other than '='",
+                            _ENV_NAME_MSG,
                         )
                     )
             for m_index, mount in enumerate(container.get("volumeMounts") or []):
@@ -511,9 +518,7 @@ def _configmap_errors(obj: JsonObject) -> list[FieldError]:
                     FieldError.invalid(
                         f"{field}[{key}]",
                         key,
-                        "a valid config key must consist of alphanumeric characters, '-', '_' or '.' "
-                        "(e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation "
-                        "is '[-._a-zA-Z0-9]+')",
+                        _CONFIG_KEY_MSG,
                     )
                 )
             if key in keys:
