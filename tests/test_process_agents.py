@@ -173,9 +173,8 @@ async def _drain(call: grpc.aio.UnaryStreamCall) -> list[object]:  # type: ignor
 class TestFailures:
     async def test_crashing_agent_reports_exit_code_and_log_tail(self, tmp_path: Path) -> None:
         command = "sh -c 'echo starting; echo boom >&2; exit 3'"
-        with running_proxy(
-            tmp_path, env={"AGENTAPI_PROCESS_COMMAND": command}, command="control-plane"
-        ) as proxy:
+        env = {"AGENTAPI_PROCESS_COMMAND": command, "AGENTAPI_PROCESS_RESTART_POLICY": "never"}
+        with running_proxy(tmp_path, env=env, command="control-plane") as proxy:
             channel, agents = stub(proxy.grpc_target)
             async with channel:
                 await agents.CreateAgent(pb.CreateAgentRequest(session_id="s", agent_id="crash"))
@@ -188,6 +187,36 @@ class TestFailures:
                 assert agent.state == pb.AGENT_STATE_FAILED
                 assert agent.exit_code == 3
                 assert "boom" in agent.log_tail and "starting" in agent.log_tail
+
+    async def test_failing_agent_is_restarted_with_back_off_and_keeps_its_previous_log(
+        self, tmp_path: Path
+    ) -> None:
+        # Fails twice, then serves: the on-failure policy brings it up on the third run.
+        command = (
+            "sh -c 'n=$(cat runs 2>/dev/null || echo 0); n=$((n+1)); echo $n > runs; "
+            'echo run $n; [ $n -ge 3 ] || exit 4; exec "$0" -m agentapi_proxy.reference_agent '
+            "--port {port}' {python}"
+        )
+        env = {
+            "AGENTAPI_PROCESS_COMMAND": command,
+            "AGENTAPI_PROCESS_RESTART_BACKOFF_SECONDS": "0.2",
+        }
+        with running_proxy(tmp_path, env=env, command="control-plane") as proxy:
+            channel, agents = stub(proxy.grpc_target)
+            async with channel:
+                await agents.CreateAgent(pb.CreateAgentRequest(session_id="s", agent_id="flaky"))
+                states = []
+                async for change in agents.WatchAgent(pb.WatchAgentRequest(agent_id="flaky")):
+                    states.append((change.agent.state, change.agent.reason))
+                    if change.agent.state == pb.AGENT_STATE_READY:
+                        assert change.agent.restart_count == 2
+                        break
+                assert (pb.AGENT_STATE_FAILED, "CrashLoopBackOff") in states
+
+                previous = agents.StreamLogs(pb.StreamLogsRequest(agent_id="flaky", previous=True))
+                assert b"".join([m.data async for m in previous]) == b"run 2\n"
+                current = agents.StreamLogs(pb.StreamLogsRequest(agent_id="flaky"))
+                assert b"".join([m.data async for m in current]).startswith(b"run 3\n")
 
     async def test_missing_agent_command_is_a_failed_precondition(self, tmp_path: Path) -> None:
         env = {"AGENTAPI_PROCESS_COMMAND": "no-such-agentapi-binary server --port {port}"}

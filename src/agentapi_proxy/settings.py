@@ -74,6 +74,10 @@ class ProcessSettings:
     # Working directory template; empty means a directory of the agent's own
     # under the state directory.
     workdir: str = ""
+    # "never", "on-failure" (non-zero exit) or "always", with back-off like a kubelet's.
+    restart_policy: str = "on-failure"
+    restart_backoff_seconds: float = 1.0
+    restart_backoff_max_seconds: float = 60.0
 
     @property
     def ports(self) -> range:
@@ -385,6 +389,12 @@ def _check(value: Any, prefix: tuple[str, ...], source_of: Any) -> None:
             raise fail("ready_path", "a path starting with '/'")
         if not value.command.strip():
             raise fail("command", "a command")
+        if value.restart_policy not in {"never", "on-failure", "always"}:
+            raise fail("restart_policy", "one of never, on-failure, always")
+        if not 0 < value.restart_backoff_seconds <= value.restart_backoff_max_seconds:
+            raise fail(
+                "restart_backoff_seconds", "positive and at most restart_backoff_max_seconds"
+            )
     elif isinstance(value, LogSettings):
         if value.level.lower() not in {"debug", "info", "warning", "error"}:
             raise fail("level", "one of debug, info, warning, error")

@@ -152,9 +152,11 @@ class KubeDouble:
         if self._default_storage_class:
             self._set_storage_class(self._default_storage_class, "Immediate")
         self._server = ApiServer(cluster, token=self.token, user=self.user)
-        self._runner = web.AppRunner(self._server.app(), handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(
+            self._server.app(), handler_cancellation=True, access_log=None, shutdown_timeout=2.0
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, shutdown_timeout=2.0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
         cluster.start()

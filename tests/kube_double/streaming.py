@@ -373,7 +373,9 @@ async def pod_proxy(
         raise refused
 
     # The path is in the URL, or (proxy without a path) in the "path" query parameter.
-    path = "/" + "/".join(info.rest) if info.rest else "/" + request.query.get("path", "").lstrip("/")
+    path = (
+        "/" + "/".join(info.rest) if info.rest else "/" + request.query.get("path", "").lstrip("/")
+    )
     if info.trailing_slash and info.rest and not path.endswith("/"):
         path += "/"
     params = [(k, v) for k, v in request.query.items() if k != "path"]

@@ -39,6 +39,7 @@ import aiohttp
 from agentapi_proxy import logs, shim
 from agentapi_proxy.drivers.base import Driver
 from agentapi_proxy.errors import (
+    AgentApiError,
     AlreadyExists,
     FailedPrecondition,
     Internal,
@@ -86,6 +87,9 @@ class _Agent:
     restart_count: int = 0
     # Set only when this control plane started the shim (so it must reap it).
     popen: subprocess.Popen[bytes] | None = None
+    started_at: datetime | None = None
+    # Restarts in a row without a long enough run in between (sets the back-off).
+    failures: int = 0
     monitor: asyncio.Task[None] | None = None
     logs_done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -390,6 +394,7 @@ class ProcessDriver(Driver):
             )
         agent.pid = agent.popen.pid
         agent.pid_start = _process_identity(agent.pid)
+        agent.started_at = datetime.now(UTC)
 
     def _write_record(self, agent: _Agent) -> None:
         tmp = agent.directory / (RECORD_FILE + ".tmp")
@@ -420,9 +425,18 @@ class ProcessDriver(Driver):
             while True:
                 if self._has_exited(agent):
                     info = self._exited_info(agent)
-                    self._board.publish(info)
-                    logger.warning("agent %s: %s", agent_id, info.message)
-                    return
+                    if not self._should_restart(info):
+                        self._board.publish(info)
+                        logger.warning("agent %s: %s", agent_id, info.message)
+                        return
+                    try:
+                        await self._restart_after_backoff(agent, info)
+                    except (AgentApiError, OSError) as exc:
+                        message = getattr(exc, "message", str(exc))
+                        self._board.publish(replace(info, reason="RestartFailed", message=message))
+                        logger.error("agent %s: cannot restart: %s", agent_id, message)
+                        return
+                    continue
                 state = self._current(agent).state
                 ready = await self._probe(agent)
                 if ready and state is not State.READY:
@@ -461,6 +475,44 @@ class ProcessDriver(Driver):
             raise
         except Exception:
             logger.exception("agent %s: monitor failed", agent_id)
+
+    def _should_restart(self, info: AgentInfo) -> bool:
+        policy = self._settings.restart_policy
+        return policy == "always" or (policy == "on-failure" and info.exit_code != 0)
+
+    async def _restart_after_backoff(self, agent: _Agent, exited: AgentInfo) -> None:
+        """Wait (doubling from the base delay), keep the old log as previous.log, start again.
+
+        The back-off starts over when the last run stayed up for the maximum delay.
+        """
+        settings = self._settings
+        ran_for = (datetime.now(UTC) - (agent.started_at or agent.create_time)).total_seconds()
+        if ran_for >= settings.restart_backoff_max_seconds:
+            agent.failures = 0
+        delay = min(
+            settings.restart_backoff_seconds * 2**agent.failures,
+            settings.restart_backoff_max_seconds,
+        )
+        agent.failures += 1
+        self._board.publish(
+            replace(
+                exited,
+                reason="CrashLoopBackOff",
+                message=f"{exited.message}; restarting in {delay:g}s",
+            )
+        )
+        logger.warning(
+            "agent %s: %s; restarting in %gs", agent.spec.agent_id, exited.message, delay
+        )
+        await asyncio.sleep(delay)
+
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(agent.directory / CURRENT_LOG, agent.directory / PREVIOUS_LOG)
+        agent.restart_count += 1
+        agent.ready_time = None
+        self._spawn(agent, self._command(agent.spec, port=agent.port))
+        self._write_record(agent)
+        self._board.publish(self._info(agent, State.STARTING))
 
     def _has_exited(self, agent: _Agent) -> bool:
         if agent.popen is not None:
