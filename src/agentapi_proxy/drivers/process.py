@@ -180,6 +180,11 @@ class ProcessDriver(Driver):
         agent_id = agent.spec.agent_id
         if agent.phase in {"creating", "deleting"}:
             logger.info("agent %s: finishing interrupted %s", agent_id, agent.phase[:-3] + "e")
+            if agent.pid is None:
+                # Killed between starting the shim and recording its PID: find it by its log dir.
+                for pid in _shims_logging_to(directory):
+                    agent.pid, agent.pid_start = pid, _process_identity(pid)
+                    await self._stop_group(agent)
             await self._stop_group(agent)
             await asyncio.to_thread(shutil.rmtree, directory, True)
             return
@@ -604,7 +609,7 @@ async def _wait_group_gone(pgid: int, agent: _Agent, seconds: float) -> bool:
 
 
 def _group_alive(pgid: int, agent: _Agent) -> bool:
-    # Reap our own shim first: a zombie leader still counts as a group member.
+    """Whether a process of the group still runs (zombies do not count)."""
     if agent.popen is not None:
         agent.popen.poll()
     try:
@@ -613,7 +618,23 @@ def _group_alive(pgid: int, agent: _Agent) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # Orphans are reparented to PID 1, which in some containers never reaps them;
+    # their zombies keep the group "existing" for kill(), so look closer.
+    return any(_group_of(pid) == pgid for pid in _all_pids())
+
+
+def _all_pids() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
+def _group_of(pid: int) -> int | None:
+    """The process group of a live (non-zombie) process, else None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return None if fields[0] == "Z" else int(fields[2])
 
 
 def _process_identity(pid: int | None) -> int | None:
@@ -631,6 +652,22 @@ def _process_identity(pid: int | None) -> int | None:
     if fields[0] == "Z":
         return None
     return int(fields[19])
+
+
+def _shims_logging_to(directory: Path) -> list[int]:
+    """PIDs of shims started with ``--log-dir directory`` (their command line says so)."""
+    wanted = ["--log-dir", str(directory)]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = [a.decode() for a in (entry / "cmdline").read_bytes().split(b"\0")]
+        except (OSError, UnicodeDecodeError):
+            continue
+        if any(args[i : i + 2] == wanted for i in range(len(args) - 1)):
+            found.append(int(entry.name))
+    return found
 
 
 def _port_is_free(port: int) -> bool:
