@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import subprocess
-import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
