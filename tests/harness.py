@@ -78,6 +78,7 @@ class ProxyProcess:
         self, state_dir: Path, *, env: Mapping[str, str] | None = None, command: str = "serve"
     ) -> None:
         self.state_dir = state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
         self.command = command
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("AGENTAPI_")},

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -175,3 +176,33 @@ async def test_sigterm_with_open_streams_exits_within_the_grace_period(
         response.release()
     await channel.close()
     assert "Task was destroyed" not in served.log_text()
+
+
+async def test_gateway_outlives_a_control_plane_restart(tmp_path: Path) -> None:
+    """Requests in between get 503 with Retry-After; the gateway reconnects by itself."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        grpc_port = sock.getsockname()[1]
+    plane_env = {"AGENTAPI_SERVER_GRPC_LISTEN": f"127.0.0.1:{grpc_port}"}
+    gateway_env = {"AGENTAPI_GATEWAY_CONTROL_PLANE": f"127.0.0.1:{grpc_port}"}
+    with (
+        running_proxy(tmp_path / "plane", env=plane_env, command="control-plane") as plane,
+        running_proxy(tmp_path / "gateway", env=gateway_env, command="gateway") as gateway,
+    ):
+        async with aiohttp.ClientSession(gateway.base_url, timeout=NO_TIMEOUT) as http:
+            async with http.get("/agents") as response:
+                assert response.status == 200
+
+            plane.stop(signal.SIGKILL)
+            async with http.get("/agents") as response:
+                assert response.status == 503
+                assert int(response.headers["Retry-After"]) >= 1
+                assert (await response.json())["error"]["status"] == "UNAVAILABLE"
+
+            plane.start()
+            for _ in range(100):
+                async with http.get("/agents") as response:
+                    if response.status == 200:
+                        break
+                await asyncio.sleep(0.2)
+            assert response.status == 200
