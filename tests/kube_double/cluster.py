@@ -97,8 +97,11 @@ class Cluster:
 
     async def _run(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that arrives as the wait completes, and stop() would wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.timings.tick)
+                async with asyncio.timeout(self.timings.tick):
+                    await self._wake.wait()
             self._wake.clear()
             self.reconcile_once()
 

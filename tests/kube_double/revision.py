@@ -38,19 +38,17 @@ def safe_encode(text: str) -> str:
     return "".join(_SAFE_ALPHABET[ord(char) % len(_SAFE_ALPHABET)] for char in text)
 
 
-def revision_hash(template: Mapping[str, Any], *, collision_count: int | None = None) -> str:
+def revision_hash(template: Mapping[str, Any], *, collision_count: int = 0) -> str:
     """The hash of a pod template: 1 to 10 characters, usually 10.
 
-    Deterministic: the same template (after defaulting) always gives the same hash.
+    Deterministic: the same template (after defaulting) always gives the same hash. The
+    controller always hashes the collision count too (0 unless revision names collided).
     """
     patch = {"spec": {"template": {**template, "$patch": "replace"}}}
     raw = json.dumps(patch, sort_keys=True, separators=(",", ":")).encode()
-    data = raw if collision_count is None else raw + str(collision_count).encode()
-    return safe_encode(str(fnv1_32(data)))
+    return safe_encode(str(fnv1_32(raw + str(collision_count).encode())))
 
 
-def revision_label(
-    set_name: str, template: Mapping[str, Any], *, collision_count: int | None = None
-) -> str:
+def revision_label(set_name: str, template: Mapping[str, Any], *, collision_count: int = 0) -> str:
     """``{set name}-{hash}``: the controller-revision-hash label value of the set's pods."""
     return f"{set_name}-{revision_hash(template, collision_count=collision_count)}"

@@ -175,7 +175,8 @@ async def watch(
                 break
             wait = min(remaining, 0.5, cluster.timings.bookmark_interval)
             try:
-                event = await asyncio.wait_for(watcher.queue.get(), timeout=wait)
+                async with asyncio.timeout(wait):
+                    event = await watcher.queue.get()
             except TimeoutError:
                 if bookmarks and time.monotonic() - last_sent >= cluster.timings.bookmark_interval:
                     await response.write(_bookmark(rt, store.resource_version))
