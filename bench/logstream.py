@@ -288,12 +288,9 @@ async def follower_memory(
         "baseline_rss_mib": round(baseline / MIB, 1),
         "points": points,
         "ratios": {
-            f"rss_{last['followers']}_vs_no_followers": ratio(last["rss_mib"], baseline / MIB),
-            f"rss_{last['followers']}_vs_{first['followers']}": ratio(
-                last["rss_mib"], first["rss_mib"]
-            ),
-            f"p50_latency_{last['followers']}_vs_{first['followers']}": ratio(
-                last["p50_ms"], first["p50_ms"]
-            ),
+            # "most": the largest follower count, "fewest": the smallest.
+            "rss_most_vs_none": ratio(last["rss_mib"], baseline / MIB),
+            "rss_most_vs_fewest": ratio(last["rss_mib"], first["rss_mib"]),
+            "p50_latency_most_vs_fewest": ratio(last["p50_ms"], first["p50_ms"]),
         },
     }

@@ -55,3 +55,19 @@ class CpuMeter:
             role: max(0.0, cpu_seconds(pids()) - self._start.get(role, 0.0))
             for role, pids in self._roles.items()
         }
+
+
+def processes_by_group() -> dict[int, list[int]]:
+    """Live (not zombie) PIDs by process group id, from one pass over ``/proc``."""
+    groups: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z":
+            groups.setdefault(int(fields[2]), []).append(int(entry.name))
+    return groups

@@ -30,6 +30,7 @@ from agentapi_gateway.errors import (
     status_from_project_error,
 )
 from agentapi_gateway.handlers import Handler, server_stream_handler, unary_handler
+from agentapi_gateway.openapi import add_openapi_route
 from agentapi_gateway.proxy import proxy_handler
 from agentapi_gateway.routes import HttpBinding, service_bindings
 from agentapi_proxy.errors import AgentApiError, FailedPrecondition
@@ -56,9 +57,9 @@ def create_app(
     app.cleanup_ctx.append(_control_plane_context)
     app.on_shutdown.append(_cancel_streams)
 
-    add_rpc_routes(
-        app.router, service_bindings(service), max_body_bytes=settings.max_json_body_bytes
-    )
+    bindings = service_bindings(service)
+    add_rpc_routes(app.router, bindings, max_body_bytes=settings.max_json_body_bytes)
+    add_openapi_route(app, service=service, bindings=bindings)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app

@@ -37,7 +37,7 @@ import json
 import logging
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -70,6 +70,7 @@ TEXT: Final = "text/plain"
 # TODO: ship the .proto as package data so that installed builds get the comments too.
 SOURCE_PROTO_ROOT: Final = Path(agentapi_proxy.__file__).resolve().parents[2] / "proto"
 
+_DOCUMENT_KEY: Final = web.AppKey("openapi_document", bytes)
 _ERROR_SCHEMA: Final = "Error"
 _STREAM_ERROR_SCHEMA: Final = "StreamError"
 _REF: Final = "#/components/schemas/"
@@ -222,14 +223,31 @@ def proto_comments(
     return _compiled_comments(file.name, str(proto_root))
 
 
-def openapi_handler(document: Mapping[str, Any]) -> Callable[[web.Request], Any]:
-    """A handler answering ``document`` as JSON; serialised once, needs no control plane."""
-    body = json.dumps(document, indent=1, ensure_ascii=False).encode("utf-8")
+def add_openapi_route(
+    app: web.Application,
+    *,
+    service: ServiceDescriptor,
+    bindings: Sequence[HttpBinding],
+    proto_root: Path = SOURCE_PROTO_ROOT,
+) -> None:
+    """Serve the document of ``bindings`` at ``GET /openapi.json`` on ``app``.
 
-    async def handle(request: web.Request) -> web.Response:
-        return web.Response(body=body, content_type=JSON, charset="utf-8")
+    The document is built when ``app`` starts (reading the ``.proto`` for its
+    comments) and serialised once; answering it needs no control plane.
+    """
 
-    return handle
+    async def build(app: web.Application) -> None:
+        comments = proto_comments(service.file, proto_root=proto_root)
+        document = openapi_document(service, bindings, comments=comments)
+        app[_DOCUMENT_KEY] = json.dumps(document, indent=1, ensure_ascii=False).encode("utf-8")
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(
+            body=request.config_dict[_DOCUMENT_KEY], content_type=JSON, charset="utf-8"
+        )
+
+    app.on_startup.append(build)
+    app.router.add_get(DOCUMENT_PATH, serve)
 
 
 @functools.cache
@@ -250,9 +268,9 @@ def _compile_with_source_info(
     file_name: str, proto_root: Path
 ) -> descriptor_pb2.FileDescriptorProto:
     """Raises ValueError when protoc fails, OSError when its output cannot be read."""
-    from grpc_tools import protoc  # type: ignore[import-untyped]
-
+    # Imported here: only start-up needs protoc, and only when the .proto is present.
     import google.api
+    from grpc_tools import protoc
 
     googleapis_root = Path(next(iter(google.api.__path__))).parent.parent
     well_known_root = Path(str(resources.files("grpc_tools") / "_proto"))
@@ -484,9 +502,8 @@ class _DocumentBuilder:
         if binding.body == "*":
             if exclude & set(message.fields_by_name):
                 schema = self._message_schema(message, exclude=exclude)
-                schema["description"] = (
-                    f"{message.name} without the fields the path sets ({', '.join(sorted(exclude))})."
-                )
+                bound = ", ".join(sorted(exclude))
+                schema["description"] = f"{message.name} without the fields in the path ({bound})."
             else:
                 schema = self._ref(message)
         else:
@@ -558,7 +575,7 @@ class _DocumentBuilder:
         return schema
 
     def _field_schema(self, field: FieldDescriptor) -> dict[str, Any]:
-        if _is_map(field):
+        if _is_map(field) and field.message_type is not None:
             value = field.message_type.fields_by_name["value"]
             schema: dict[str, Any] = {
                 "type": "object",

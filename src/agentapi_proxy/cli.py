@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from agentapi_proxy import client_cli, logconfig
+from agentapi_proxy.errors import FailedPrecondition
 from agentapi_proxy.settings import Settings, SettingsError, load_settings, unknown_env_names
 
 logger = logging.getLogger("agentapi_proxy")
@@ -85,24 +86,14 @@ async def _run(settings: Settings, *, control_plane: bool, gateway: bool) -> Non
                 host = "127.0.0.1"
             gateway_settings = replace(gateway_settings, control_plane=f"{host}:{port}")
         if gateway:
-            from agentapi_gateway.app import create_app
+            from agentapi_gateway.app import run_gateway
 
-            runner = web.AppRunner(
-                create_app(gateway_settings),
-                handle_signals=False,
-                shutdown_timeout=settings.server.shutdown_grace_seconds,
-            )
-            await runner.setup()
-            listen_host, listen_port = settings.gateway.listen.rsplit(":", 1)
-            site = web.TCPSite(runner, listen_host.strip("[]"), int(listen_port), reuse_port=False)
             try:
-                await site.start()
-            except OSError as exc:
-                raise SettingsError(
-                    f"cannot listen on gateway.listen = {settings.gateway.listen!r}: {exc.strerror}"
-                ) from exc
-            for address in runner.addresses:
-                logger.info("gateway listening on http://%s:%s", *address[:2])
+                runner = await run_gateway(
+                    gateway_settings, shutdown_timeout=settings.server.shutdown_grace_seconds
+                )
+            except FailedPrecondition as exc:
+                raise SettingsError(f"gateway.listen = {settings.gateway.listen!r}: {exc}") from exc
         await stop.wait()
         logger.info("shutting down")
     finally:
