@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,12 +238,16 @@ async def follower_memory(
     counts: tuple[int, ...],
     seconds: float,
     rate: float,
+    profile: Callable[[], Awaitable[dict[str, Any] | None]] | None = None,
 ) -> dict[str, Any]:
     """Control-plane RSS and CPU, and line latency, with K followers of one agent's log.
 
     The counts run in increasing order; RSS is read at the end of each window,
     so it includes what earlier, larger allocations left in the heap.
+    ``profile()``, when given, runs after the window of the largest count,
+    with its followers still open; its result is returned under "profile".
     """
+    profiled: dict[str, Any] | None = None
     await asyncio.sleep(0.5)
     baseline = rss_bytes(control_plane_pid)
     meter = CpuMeter({"control_plane": lambda: [control_plane_pid]})
@@ -265,6 +269,8 @@ async def follower_memory(
             elapsed = time.perf_counter() - started
             cpu = meter.stop()["control_plane"]
             rss = rss_bytes(control_plane_pid)
+            if profile is not None and count == counts[-1]:
+                profiled = await profile()
         finally:
             for call in followers.calls:
                 call.cancel()
@@ -282,7 +288,9 @@ async def follower_memory(
         )
         await asyncio.sleep(0.5)
     first, last = points[0], points[-1]
+    extra = {} if profiled is None else {"profile": profiled}
     return {
+        **extra,
         "lines_per_s_written": rate,
         "seconds": seconds,
         "baseline_rss_mib": round(baseline / MIB, 1),

@@ -23,6 +23,7 @@ from agentapi_proxy.v1 import agent_service_pb2_grpc as pb_grpc
 _LISTEN_LINE = {
     "grpc": re.compile(r"control plane listening on ([\d.]+):(\d+)"),
     "http": re.compile(r"gateway listening on http://([\d.]+):(\d+)"),
+    "metrics": re.compile(r"metrics on http://([\d.]+):(\d+)/metrics"),
 }
 
 
@@ -94,6 +95,7 @@ class ProxyProcess:
         self.lines: list[str] = []
         self.grpc_port = 0
         self.http_port = 0
+        self.metrics_port = 0
         self._seen = threading.Condition()
 
     def start(self, *, timeout: float = 30.0) -> ProxyProcess:

@@ -5,12 +5,29 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import MutableMapping
 from datetime import UTC, datetime
+from typing import Any
 
 from agentapi_proxy.settings import LogSettings
 
 # Attributes every LogRecord has; anything else was passed in ``extra``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class AgentLogger(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes messages with the agent id and carries it as the ``agent_id`` field."""
+
+    def process(
+        self, msg: object, kwargs: MutableMapping[str, Any]
+    ) -> tuple[object, MutableMapping[str, Any]]:
+        agent_id = (self.extra or {}).get("agent_id", "")
+        kwargs["extra"] = {**(self.extra or {}), **kwargs.get("extra", {})}
+        return f"agent {agent_id}: {msg}", kwargs
+
+
+def for_agent(logger: logging.Logger, agent_id: str) -> AgentLogger:
+    return AgentLogger(logger, {"agent_id": agent_id})
 
 
 class JsonFormatter(logging.Formatter):

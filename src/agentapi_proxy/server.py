@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from prometheus_client.registry import Collector
 
+from agentapi_proxy import metrics
 from agentapi_proxy.auth import Authenticator, authenticator_from_settings
 from agentapi_proxy.drivers.base import Driver
 from agentapi_proxy.service import AgentService
@@ -72,6 +75,8 @@ class ControlPlane:
         self.health = HealthServicer()
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.port = 0
+        self._agent_counts: Collector | None = None
+        self._metrics_runner: web.AppRunner | None = None
 
     async def start(self) -> int:
         """Recover existing agents, then listen. Returns the bound port."""
@@ -95,6 +100,9 @@ class ControlPlane:
                 f"cannot listen on server.grpc_listen = {address!r}: {exc}"
             ) from exc
         await self.server.start()
+        self._agent_counts = metrics.register_agent_states(self.board.all)
+        if self.settings.server.metrics_listen:
+            self._metrics_runner = await metrics.serve_metrics(self.settings.server.metrics_listen)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         logger.info("control plane listening on %s:%s (gRPC)", address.rsplit(":", 1)[0], self.port)
@@ -112,4 +120,8 @@ class ControlPlane:
         await self.driver.close()
         await self.server.stop(grace)
         await self.relay.close()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+        if self._agent_counts is not None:
+            metrics.unregister(self._agent_counts)
         logger.info("control plane stopped")

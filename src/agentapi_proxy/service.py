@@ -7,17 +7,19 @@ else in the project turns an error into a gRPC status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import grpc
 
-from agentapi_proxy import errors, status
+from agentapi_proxy import errors, metrics, status
 from agentapi_proxy.auth import Authenticator, Permission, Principal
 from agentapi_proxy.drivers.base import Driver
 from agentapi_proxy.ids import (
@@ -51,6 +53,14 @@ _LABEL_KEY = re.compile(
 _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
 
 
+def _code_of(exc: BaseException) -> str:
+    if isinstance(exc, errors.AgentApiError):
+        return status.code_for(exc).name
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"
+    return "INTERNAL"
+
+
 async def _fail(context: Context, exc: Exception, method: str) -> None:
     """Turn any exception into the call's status; re-raises an abort already under way."""
     if isinstance(exc, grpc.aio.AbortError):
@@ -63,17 +73,39 @@ async def _fail(context: Context, exc: Exception, method: str) -> None:
     await status.abort(context, exc)
 
 
+@contextlib.asynccontextmanager
+async def _served(
+    method: str, context: Context, *, authenticator: Authenticator
+) -> AsyncIterator[None]:
+    """Authenticate the caller, map any failure to a status, and record the outcome."""
+    started = time.perf_counter()
+    code = "OK"
+    try:
+        _principal.set(authenticator.principal(context.invocation_metadata() or ()))
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        code = _code_of(exc)
+        await _fail(context, exc, method)
+        raise
+    except BaseException as exc:
+        code = _code_of(exc)
+        raise
+    finally:
+        if code != "OK":
+            metrics.RPC_ERRORS.labels(method, code).inc()
+        metrics.RPC_LATENCY.labels(method, code).observe(time.perf_counter() - started)
+
+
 def _unary(
     method: Callable[[AgentService, Any, Context], Awaitable[Response]],
 ) -> Callable[[AgentService, Any, Context], Awaitable[Response]]:
     @functools.wraps(method)
     async def wrapper(self: AgentService, request: Any, context: Context) -> Response:
-        try:
-            _principal.set(self._authenticator.principal(context.invocation_metadata() or ()))
+        async with _served(method.__name__, context, authenticator=self._authenticator):
             return await method(self, request, context)
-        except Exception as exc:
-            await _fail(context, exc, method.__name__)
-            raise
+        raise AssertionError("unreachable: _served re-raises every failure")
 
     return wrapper
 
@@ -85,13 +117,14 @@ def _streaming(
     async def wrapper(
         self: AgentService, request: Any, context: Context
     ) -> AsyncIterator[Response]:
+        open_streams = metrics.OPEN_STREAMS.labels(method.__name__)
+        open_streams.inc()
         try:
-            _principal.set(self._authenticator.principal(context.invocation_metadata() or ()))
-            async for item in method(self, request, context):
-                yield item
-        except Exception as exc:
-            await _fail(context, exc, method.__name__)
-            raise
+            async with _served(method.__name__, context, authenticator=self._authenticator):
+                async for item in method(self, request, context):
+                    yield item
+        finally:
+            open_streams.dec()
 
     return wrapper
 

@@ -90,6 +90,9 @@ class ServerSettings:
     grpc_listen: str = "127.0.0.1:50051"
     # Seconds open calls get to finish on SIGTERM before they are cancelled.
     shutdown_grace_seconds: float = 5.0
+    # host:port for Prometheus /metrics of a control plane run on its own; empty: off
+    # (``serve`` shows them on the gateway's /metrics).
+    metrics_listen: str = ""
 
 
 @dataclass(frozen=True)
@@ -401,8 +404,11 @@ def _check(value: Any, prefix: tuple[str, ...], source_of: Any) -> None:
         if value.format not in {"text", "json"}:
             raise fail("format", "'text' or 'json'")
     elif isinstance(value, (ServerSettings, GatewaySettings)):
-        for name in ("grpc_listen", "listen", "control_plane"):
-            if hasattr(value, name) and not re.fullmatch(r".+:\d{1,5}", getattr(value, name)):
+        for name in ("grpc_listen", "listen", "control_plane", "metrics_listen"):
+            address = getattr(value, name, None)
+            if name == "metrics_listen" and not address:
+                continue
+            if address is not None and not re.fullmatch(r".+:\d{1,5}", address):
                 raise fail(name, "a host:port address")
     elif isinstance(value, ClientSettings):
         if value.address and not re.fullmatch(r".+:\d{1,5}", value.address):

@@ -14,6 +14,7 @@ from urllib.parse import unquote
 import aiohttp
 from yarl import URL
 
+from agentapi_proxy import metrics
 from agentapi_proxy.drivers.base import Driver
 from agentapi_proxy.errors import InvalidArgument, Unavailable
 from agentapi_proxy.ids import validate_agent_id
@@ -168,7 +169,9 @@ class TrafficRelay:
                         ],
                     )
                 )
+                from_agent = metrics.PROXIED_BYTES.labels("from_agent")
                 async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+                    from_agent.inc(len(chunk))
                     yield pb.ProxyHTTPResponse(body=chunk)
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise Unavailable(
@@ -184,8 +187,10 @@ class TrafficRelay:
 
 
 async def _body(requests: AsyncIterator[pb.ProxyHTTPRequest]) -> AsyncIterator[bytes]:
+    to_agent = metrics.PROXIED_BYTES.labels("to_agent")
     async for message in requests:
         if message.WhichOneof("frame") != "body":
             raise InvalidArgument("only body messages may follow the request head")
         if message.body:
+            to_agent.inc(len(message.body))
             yield message.body

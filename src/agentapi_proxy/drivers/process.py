@@ -47,6 +47,7 @@ from agentapi_proxy.errors import (
     ResourceExhausted,
 )
 from agentapi_proxy.ids import validate_agent_id, validate_session_id
+from agentapi_proxy.logconfig import for_agent
 from agentapi_proxy.model import (
     AgentInfo,
     AgentSpec,
@@ -179,7 +180,7 @@ class ProcessDriver(Driver):
 
         agent_id = agent.spec.agent_id
         if agent.phase in {"creating", "deleting"}:
-            logger.info("agent %s: finishing interrupted %s", agent_id, agent.phase[:-3] + "e")
+            for_agent(logger, agent_id).info("finishing interrupted %s", agent.phase[:-3] + "e")
             if agent.pid is None:
                 # Killed between starting the shim and recording its PID: find it by its log dir.
                 for pid in _shims_logging_to(directory):
@@ -193,10 +194,10 @@ class ProcessDriver(Driver):
         if _process_identity(agent.pid) != agent.pid_start:
             state = self._exited_info(agent)
             self._board.publish(state)
-            logger.info("agent %s: found stopped after restart", agent_id)
+            for_agent(logger, agent_id).info("found stopped after restart")
         else:
             self._board.publish(self._info(agent, State.STARTING))
-            logger.info("agent %s: adopted running process group %s", agent_id, agent.pid)
+            for_agent(logger, agent_id).info("adopted running process group %s", agent.pid)
         agent.monitor = asyncio.create_task(self._monitor(agent), name=f"monitor-{agent_id}")
 
     # --- operations ------------------------------------------------------------
@@ -243,7 +244,7 @@ class ProcessDriver(Driver):
             agent.monitor = asyncio.create_task(
                 self._monitor(agent), name=f"monitor-{spec.agent_id}"
             )
-            logger.info("agent %s: started on port %s (pid %s)", spec.agent_id, port, agent.pid)
+            for_agent(logger, spec.agent_id).info("started on port %s (pid %s)", port, agent.pid)
             return info, True
 
     async def get(self, agent_id: str) -> AgentInfo:
@@ -273,7 +274,7 @@ class ProcessDriver(Driver):
             del self._agents[agent_id]
             last = replace(self._current(agent), state=State.DELETED)
             self._board.publish(last)
-            logger.info("agent %s: deleted", agent_id)
+            for_agent(logger, agent_id).info("deleted")
         self._locks.pop(agent_id, None)
         return last
 
@@ -432,14 +433,14 @@ class ProcessDriver(Driver):
                     info = self._exited_info(agent)
                     if not self._should_restart(info):
                         self._board.publish(info)
-                        logger.warning("agent %s: %s", agent_id, info.message)
+                        for_agent(logger, agent_id).warning("%s", info.message)
                         return
                     try:
                         await self._restart_after_backoff(agent, info)
                     except (AgentApiError, OSError) as exc:
                         message = getattr(exc, "message", str(exc))
                         self._board.publish(replace(info, reason="RestartFailed", message=message))
-                        logger.error("agent %s: cannot restart: %s", agent_id, message)
+                        for_agent(logger, agent_id).error("cannot restart: %s", message)
                         return
                     continue
                 state = self._current(agent).state
@@ -449,7 +450,7 @@ class ProcessDriver(Driver):
                         agent.ready_time = datetime.now(UTC)
                         self._write_record(agent)
                     self._board.publish(self._info(agent, State.READY))
-                    logger.info("agent %s: ready", agent_id)
+                    for_agent(logger, agent_id).info("ready")
                 elif not ready and state is State.READY:
                     self._board.publish(
                         self._info(
@@ -459,7 +460,7 @@ class ProcessDriver(Driver):
                             message=f"GET {self._settings.ready_path} does not answer",
                         )
                     )
-                    logger.warning("agent %s: stopped answering its readiness probe", agent_id)
+                    for_agent(logger, agent_id).warning("stopped answering its readiness probe")
                 elif not ready and state is State.STARTING:
                     elapsed = (datetime.now(UTC) - agent.create_time).total_seconds()
                     if elapsed > self._settings.ready_timeout_seconds:
@@ -479,7 +480,7 @@ class ProcessDriver(Driver):
         except asyncio.CancelledError:
             raise
         except Exception:
-            logger.exception("agent %s: monitor failed", agent_id)
+            for_agent(logger, agent_id).exception("monitor failed")
 
     def _should_restart(self, info: AgentInfo) -> bool:
         policy = self._settings.restart_policy
@@ -506,8 +507,8 @@ class ProcessDriver(Driver):
                 message=f"{exited.message}; restarting in {delay:g}s",
             )
         )
-        logger.warning(
-            "agent %s: %s; restarting in %gs", agent.spec.agent_id, exited.message, delay
+        for_agent(logger, agent.spec.agent_id).warning(
+            "%s; restarting in %gs", exited.message, delay
         )
         await asyncio.sleep(delay)
 
@@ -572,18 +573,16 @@ class ProcessDriver(Driver):
             return
         leader_is_ours = _process_identity(pgid) == agent.pid_start
         if not leader_is_ours and _process_identity(pgid) is not None:
-            logger.warning(
-                "agent %s: pid %s now belongs to another process; not signalling it",
-                agent.spec.agent_id,
+            for_agent(logger, agent.spec.agent_id).warning(
+                "pid %s now belongs to another process; not signalling it",
                 pgid,
             )
             return
 
         _signal_group(pgid, signal.SIGTERM)
         if not await _wait_group_gone(pgid, agent, self._settings.stop_grace_seconds):
-            logger.warning(
-                "agent %s: still running after %ss grace period, killing",
-                agent.spec.agent_id,
+            for_agent(logger, agent.spec.agent_id).warning(
+                "still running after %ss grace period, killing",
                 self._settings.stop_grace_seconds,
             )
             _signal_group(pgid, signal.SIGKILL)

@@ -62,6 +62,7 @@ from agentapi_proxy.errors import (
     PermissionDenied,
     Unavailable,
 )
+from agentapi_proxy.logconfig import for_agent
 from agentapi_proxy.model import (
     AgentInfo,
     AgentSpec,
@@ -211,8 +212,8 @@ class StatefulSetDriver(Driver):
                         await self._delete(delete, name)
                 raise
 
-            logger.info(
-                "agent %s: StatefulSet %s created", agent_id, objects.statefulset_name(agent_id)
+            for_agent(logger, agent_id).info(
+                "StatefulSet %s created", objects.statefulset_name(agent_id)
             )
             self._known.add(agent_id)
             info = await self.get(agent_id)
@@ -278,7 +279,7 @@ class StatefulSetDriver(Driver):
                 create_time=last.create_time,
             )
             self._board.publish(deleted)
-            logger.info("agent %s: deleted", agent_id)
+            for_agent(logger, agent_id).info("deleted")
         self._locks.pop(agent_id, None)
         return deleted
 
