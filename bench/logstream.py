@@ -45,17 +45,23 @@ def cri_content(record: bytes) -> bytes:
     return parts[3] if len(parts) == 4 else b""
 
 
-async def wait_for_burst(log_path: Path, *, timeout: float) -> int:
-    """Wait until the log ends with the writer's ``burst-done`` line; returns the file size."""
-    async with asyncio.timeout(timeout):
-        while True:
-            with contextlib.suppress(FileNotFoundError):
-                with log_path.open("rb") as log:
-                    size = log.seek(0, os.SEEK_END)
-                    log.seek(max(0, size - 64))
-                    if log.read().endswith(b" " + BURST_DONE + b"\n"):
-                        return size
-            await asyncio.sleep(0.05)
+def burst_size(log_path: Path) -> int | None:
+    """The log's size once it ends with the writer's ``burst-done`` line, else None."""
+    try:
+        with log_path.open("rb") as log:
+            size = log.seek(0, os.SEEK_END)
+            log.seek(max(0, size - 64))
+            return size if log.read().endswith(b" " + BURST_DONE + b"\n") else None
+    except FileNotFoundError:
+        return None
+
+
+async def wait_for_burst(log_path: Path) -> int:
+    """Wait until the writer's burst is in the log; returns the log's size then."""
+    # Polling: the file is written by another process, and there is no portable event for it.
+    while (size := burst_size(log_path)) is None:
+        await asyncio.sleep(0.05)
+    return size
 
 
 def read_file_directly(log_path: Path) -> int:
@@ -77,11 +83,11 @@ def read_file_directly(log_path: Path) -> int:
 
 async def read_stream_logs(agents: pb_grpc.AgentServiceStub, agent_id: str) -> int:
     """Follow the agent's log from its start up to ``burst-done``; returns the lines read."""
-    lines = 0
+    lines: int = 0
     call = agents.StreamLogs(pb.StreamLogsRequest(agent_id=agent_id, follow=True))
     try:
         async for response in call:
-            lines += response.data.count(b"\n")
+            lines += int(response.data.count(b"\n"))
             if b"\n" + BURST_DONE + b"\n" in response.data or response.data.startswith(
                 BURST_DONE + b"\n"
             ):
@@ -95,7 +101,8 @@ async def log_throughput(
     agents: pb_grpc.AgentServiceStub, *, agent_id: str, log_path: Path, repetitions: int
 ) -> dict[str, Any]:
     """Lines per second reading a finished burst: StreamLogs (follow) against the file."""
-    size = await wait_for_burst(log_path, timeout=120)
+    async with asyncio.timeout(STREAM_SETUP_TIMEOUT):
+        size = await wait_for_burst(log_path)
     best: dict[str, float] = {}
     lines: dict[str, int] = {}
     for _ in range(repetitions):
@@ -181,9 +188,6 @@ async def log_latency(
         while line := await proc.stdout.readline():
             received["tail"].update(ticks(cri_content(line.rstrip(b"\n")), time.time_ns()))
 
-    async with asyncio.timeout(STREAM_SETUP_TIMEOUT):
-        while not log_path.exists():
-            await asyncio.sleep(0.02)
     async with tail_follow(log_path) as proc:
         readers = [asyncio.create_task(grpc_reader()), asyncio.create_task(tail_reader(proc))]
         try:

@@ -81,9 +81,7 @@ def summarize_collapsed(text: str, *, rate: int, seconds: float) -> dict[str, An
     return {
         "samples": total,
         "busy_percent": round(100 * total / (rate * seconds), 1),
-        "self_by_area": {
-            area: round(100 * n / total, 1) for area, n in areas.most_common()
-        }
+        "self_by_area": {area: round(100 * n / total, 1) for area, n in areas.most_common()}
         if total
         else {},
         "top_self": top(own) if total else [],
@@ -140,8 +138,14 @@ async def profile_while(
         waiting.cancel()
     assert proc.stderr is not None
     message = (await proc.stderr.read()).decode(errors="replace")
-    if proc.returncode != 0 or not output.exists():
-        return {"error": f"py-spy exited with {proc.returncode}: {message.strip()[-300:]}"}
+    return _summary(output, returncode=proc.returncode, message=message, rate=rate, seconds=seconds)
+
+
+def _summary(
+    output: Path, *, returncode: int | None, message: str, rate: int, seconds: float
+) -> dict[str, Any]:
+    if returncode != 0 or not output.exists():
+        return {"error": f"py-spy exited with {returncode}: {message.strip()[-300:]}"}
     summary = summarize_collapsed(output.read_text(), rate=rate, seconds=seconds)
     summary["raw_output"] = str(output)
     return summary

@@ -24,7 +24,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for row in cells:
-        parts = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        parts = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
         lines.append("  " + "  ".join(parts).rstrip())
     return "\n".join(lines)
 
@@ -45,7 +47,17 @@ def _traffic(section: Mapping[str, Any]) -> list[str]:
         f"1. Agent traffic: GET /status, {http['clients']} concurrent clients, "
         f"{http['rounds']} x {http['seconds_per_round']} s per path",
         table(
-            ["path", "req/s", "p50 ms", "p99 ms", "errors", "CPU ms/req", "x req/s", "x p50", "x p99"],
+            [
+                "path",
+                "req/s",
+                "p50 ms",
+                "p99 ms",
+                "errors",
+                "CPU ms/req",
+                "x req/s",
+                "x p50",
+                "x p99",
+            ],
             [
                 [
                     path,

@@ -140,7 +140,7 @@ async def control_plane_stub(proxy: ProxyProcess) -> AsyncIterator[pb_grpc.Agent
     try:
         yield agents
     finally:
-        await channel.close()
+        await channel.close(None)
 
 
 async def create_ready(
@@ -159,7 +159,8 @@ async def create_ready(
             agent_id=agent_id, state=pb.AGENT_STATE_READY, timeout=Duration(seconds=60)
         )
     )
-    return waited.agent
+    agent: pb.Agent = waited.agent
+    return agent
 
 
 def group_of(proxy: ProxyProcess, agent_id: str) -> int:
@@ -333,7 +334,10 @@ class Runner:
         await agents.DeleteAgent(pb.DeleteAgentRequest(agent_id="burst"))
 
         await create_ready(
-            agents, "ticker", session_id="bench-logs", env={"BENCH_LOG_RATE": str(plan.latency_rate)}
+            agents,
+            "ticker",
+            session_id="bench-logs",
+            env={"BENCH_LOG_RATE": str(plan.latency_rate)},
         )
         figures["latency"] = await logstream.log_latency(
             agents,
@@ -345,7 +349,10 @@ class Runner:
         await agents.DeleteAgent(pb.DeleteAgentRequest(agent_id="ticker"))
 
         await create_ready(
-            agents, "fanout", session_id="bench-logs", env={"BENCH_LOG_RATE": str(plan.follower_rate)}
+            agents,
+            "fanout",
+            session_id="bench-logs",
+            env={"BENCH_LOG_RATE": str(plan.follower_rate)},
         )
         figures["followers"] = await logstream.follower_memory(
             agents,
@@ -416,11 +423,15 @@ async def main_async(plan: Plan, *, out: Path, profile: bool) -> int:
     meta["load_average_after"] = _load_average()
     meta["seconds"] = round(time.perf_counter() - started, 1)
     result = {"meta": meta, **runner.result}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    _write_json(out, result)
     print(report.render(result))
     print(f"\nwritten to {out}")
     return 1 if runner.failed else 0
+
+
+def _write_json(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

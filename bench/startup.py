@@ -82,9 +82,7 @@ async def _by_hand(http: aiohttp.ClientSession, *, cwd: Path) -> dict[str, float
     return {"status": status_at - started, "stop": stop_seconds}
 
 
-async def create_to_ready(
-    agents: pb_grpc.AgentServiceStub, *, repetitions: int
-) -> dict[str, Any]:
+async def create_to_ready(agents: pb_grpc.AgentServiceStub, *, repetitions: int) -> dict[str, Any]:
     """Median and p90 of create-to-ready through the control plane and by hand.
 
     The two alternate (which goes first swaps each repetition). Through the
@@ -107,7 +105,7 @@ async def create_to_ready(
     ) as http:
         with tempfile.TemporaryDirectory(prefix="agentapi-bench-bare-") as cwd:
             for index in range(repetitions):
-                for turn in ((0, 1) if index % 2 == 0 else (1, 0)):
+                for turn in (0, 1) if index % 2 == 0 else (1, 0):
                     if turn == 0:
                         through = await _through_control_plane(
                             agents, http, agent_id=f"ready-{index}"

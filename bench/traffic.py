@@ -106,7 +106,9 @@ async def http_load(
         for round_index in range(rounds):
             for path in order[round_index % len(order) :] + order[: round_index % len(order)]:
                 meter.start()
-                run = await closed_loop(sessions[path], urls[path], clients=clients, seconds=seconds)
+                run = await closed_loop(
+                    sessions[path], urls[path], clients=clients, seconds=seconds
+                )
                 run.cpu = meter.stop()
                 totals[path].add(run)
     finally:
@@ -215,9 +217,11 @@ async def sse_latency(
                 for path, subscriber in subscribers.items():
                     try:
                         event = await subscriber.wait_for(
-                            lambda e, tag=tag: e.name == "message_update"  # type: ignore[misc]
-                            and e.data.get("role") == "user"
-                            and e.data.get("message") == tag
+                            lambda e, tag=tag: (
+                                e.name == "message_update"  # type: ignore[misc]
+                                and e.data.get("role") == "user"
+                                and e.data.get("message") == tag
+                            )
                         )
                         samples[path].append(event.at - sent)
                         await subscriber.wait_for(
@@ -263,5 +267,7 @@ async def _post_message(session: aiohttp.ClientSession, url: str, content: str) 
             if response.status == 200:
                 return sent
             if response.status != 409 or time.monotonic() > deadline:
-                raise RuntimeError(f"POST {url} answered {response.status}: {await response.text()}")
+                raise RuntimeError(
+                    f"POST {url} answered {response.status}: {await response.text()}"
+                )
         await asyncio.sleep(0.01)

@@ -61,6 +61,12 @@ class ProvisionModeSettings:
     pvc_delete_policy: str = "delete"
     # Empty: in-cluster config when available, else the default kubeconfig.
     kubeconfig: str = ""
+    # The agent container's command ({port}, {agent_id}, {session_id} filled in); empty
+    # runs the image's entrypoint. The reference agent must listen on the pod's address,
+    # and the API server's pod proxy sends the pod IP as Host, hence --allowed-hosts.
+    command: str = (
+        "python -m agentapi_proxy.reference_agent --host 0.0.0.0 --port {port} --allowed-hosts *"
+    )
 
 
 @dataclass(frozen=True)

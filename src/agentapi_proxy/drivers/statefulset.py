@@ -36,6 +36,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -160,7 +161,7 @@ class StatefulSetDriver(Driver):
     # --- operations ----------------------------------------------------------
 
     async def create(self, spec: AgentSpec) -> tuple[AgentInfo, bool]:
-        built = objects.build_objects(self._settings, spec)
+        built = objects.build_objects(self._settings, spec, command=self._command(spec))
         agent_id = spec.agent_id
         async with self._lock(agent_id):
             existing = await self._read(
@@ -368,6 +369,23 @@ class StatefulSetDriver(Driver):
             headers=self._auth_headers(),
             ssl=self._ssl,
         )
+
+    def _command(self, spec: AgentSpec) -> list[str] | None:
+        template = self._settings.provision_mode.command
+        if not template.strip():
+            return None
+        values = {
+            "port": str(self._settings.provision_mode.container_port),
+            "agent_id": spec.agent_id,
+            "session_id": spec.session_id,
+        }
+        try:
+            return [part.format(**values) for part in shlex.split(template)]
+        except (KeyError, IndexError, ValueError) as exc:
+            raise FailedPrecondition(
+                f"setting provision_mode.command {template!r} is not a valid template ({exc}); "
+                "placeholders are {port}, {agent_id} and {session_id}"
+            ) from exc
 
     # --- reading the cluster ----------------------------------------------------
 

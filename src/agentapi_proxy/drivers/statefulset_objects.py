@@ -673,12 +673,14 @@ def build_statefulset(
     }
 
 
-def build_objects(settings: Settings, spec: AgentSpec) -> AgentObjects:
+def build_objects(
+    settings: Settings, spec: AgentSpec, *, command: Sequence[str] | None = None
+) -> AgentObjects:
     """All objects of one agent, without owner references. Raises InvalidArgument."""
     return AgentObjects(
         configmap=build_configmap(settings, spec),
         service=build_service(settings, spec),
-        statefulset=build_statefulset(settings, spec),
+        statefulset=build_statefulset(settings, spec, command=command),
     )
 
 
