@@ -59,9 +59,11 @@ def burst_size(log_path: Path) -> int | None:
 async def wait_for_burst(log_path: Path) -> int:
     """Wait until the writer's burst is in the log; returns the log's size then."""
     # Polling: the file is written by another process, and there is no portable event for it.
-    while (size := burst_size(log_path)) is None:
+    while True:
+        size = burst_size(log_path)
+        if size is not None:
+            return size
         await asyncio.sleep(0.05)
-    return size
 
 
 def read_file_directly(log_path: Path) -> int:

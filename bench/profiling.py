@@ -17,17 +17,29 @@ from pathlib import Path
 from typing import Any
 
 TOP = 15
-# Areas a frame's file belongs to, first match wins (substring of the file path).
+# Areas a sampled frame belongs to, first match wins (substring of the frame).
 AREAS = (
+    ("libc.so", "kernel calls (libc)"),
     ("agentapi_gateway", "gateway"),
     ("agentapi_proxy", "control plane"),
     ("grpc", "grpc"),
     ("google/protobuf", "protobuf"),
+    ("_message.abi3", "protobuf"),
     ("aiohttp", "aiohttp"),
     ("yarl", "aiohttp"),
     ("multidict", "aiohttp"),
     ("asyncio", "asyncio"),
+    ("selectors.py", "asyncio"),
+    ("libpython", "python runtime"),
+    ("object.h", "python runtime"),
+    (".c)", "python runtime"),
 )
+# Leaf frames of a thread that waits for I/O: not work, left out of every figure.
+IDLE_LEAVES = ("epoll_wait (", "poll (", "select (", "futex_wait")
+# Python frames whose thread, when it sits in libc, waits for work (a lock or a queue).
+WAITING_THREADS = ("_worker (concurrent/futures/thread.py)", "Thread.run (threading.py)")
+# Frames of the process's own start-up, on every stack: no news in an inclusive list.
+_OUTER_FILES = ("agentapi_proxy/__main__.py", "agentapi_proxy/cli.py")
 _LINE_NUMBER = re.compile(r":\d+\)$")
 
 
@@ -49,16 +61,41 @@ def _area(frame: str) -> str:
     return "other"
 
 
-def summarize_collapsed(text: str, *, rate: int, seconds: float) -> dict[str, Any]:
-    """Top frames of py-spy's raw (collapsed) output: ``frame;frame;... count`` per line.
+def _is_project(frame: str) -> bool:
+    return ("agentapi_proxy/" in frame or "agentapi_gateway/" in frame) and not any(
+        outer in frame for outer in _OUTER_FILES
+    )
 
-    "self" counts a function when it was running itself, "inclusive" when it
-    was anywhere on the stack; percentages are of all samples taken.
-    "busy_percent" compares the samples with what one always-busy thread gives.
+
+def _idle(leaf: str, caller: str) -> bool:
+    """Whether a sample shows a thread waiting rather than working.
+
+    Without native frames py-spy itself leaves idle threads out; with them,
+    a wait in epoll, or a futex (named ``syscall`` or unresolved) under a
+    worker thread's loop, shows up and is dropped here.
+    """
+    if leaf.startswith(IDLE_LEAVES):
+        return True
+    waiting_call = leaf.startswith(("syscall (", "0x")) and "libc.so" in leaf
+    return waiting_call and caller in WAITING_THREADS
+
+
+def summarize_collapsed(text: str, *, rate: int, seconds: float) -> dict[str, Any]:
+    """What py-spy's raw (collapsed) output says: ``frame;frame;... count`` per line.
+
+    - "self": a function was running itself (for native frames: the C
+      function, e.g. a system call's libc wrapper);
+    - "project_inclusive": one of our functions was anywhere on the stack;
+    - "kernel_calls_by_caller": samples inside libc, by the innermost Python
+      frame that led there.
+
+    Percentages are of the busy samples (a thread waiting in epoll is idle);
+    "busy_percent" compares them with what one always-busy thread gives.
     """
     own: Counter[str] = Counter()
-    anywhere: Counter[str] = Counter()
+    ours: Counter[str] = Counter()
     areas: Counter[str] = Counter()
+    kernel: Counter[str] = Counter()
     total = 0
     for line in text.splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -66,26 +103,35 @@ def summarize_collapsed(text: str, *, rate: int, seconds: float) -> dict[str, An
             continue
         count = int(count_text)
         frames = [_frame(f) for f in stack.split(";")]
+        leaf = frames[-1]
+        python_frames = [f for f in frames if ".py)" in f]
+        caller = python_frames[-1] if python_frames else "?"
+        if _idle(leaf, caller):
+            continue
         total += count
-        own[frames[-1]] += count
-        areas[_area(frames[-1])] += count
+        own[leaf] += count
+        areas[_area(leaf)] += count
+        if "libc.so" in leaf:
+            kernel[f"{leaf.split(' ')[0]} from {caller}"] += count
         for frame in set(frames):
-            anywhere[frame] += count
+            if _is_project(frame):
+                ours[frame] += count
 
-    def top(counter: Counter[str]) -> list[dict[str, Any]]:
+    def top(counter: Counter[str], limit: int = TOP) -> list[dict[str, Any]]:
         return [
             {"frame": frame, "samples": n, "percent": round(100 * n / total, 1)}
-            for frame, n in counter.most_common(TOP)
+            for frame, n in counter.most_common(limit)
         ]
 
+    if not total:
+        return {"samples": 0, "busy_percent": 0.0}
     return {
         "samples": total,
         "busy_percent": round(100 * total / (rate * seconds), 1),
-        "self_by_area": {area: round(100 * n / total, 1) for area, n in areas.most_common()}
-        if total
-        else {},
-        "top_self": top(own) if total else [],
-        "top_inclusive": top(anywhere) if total else [],
+        "self_by_area": {area: round(100 * n / total, 1) for area, n in areas.most_common()},
+        "top_self": top(own),
+        "project_inclusive": top(ours),
+        "kernel_calls_by_caller": top(kernel, 8),
     }
 
 
@@ -105,23 +151,39 @@ async def profile_while(
     executable = py_spy()
     if executable is None:
         return {"error": "py-spy is not installed (.venv/bin/pip install py-spy)"}
+    # Native frames show the C side (gRPC core, system calls) but need py-spy to
+    # pause the process for each sample; without them it samples non-blocking.
+    for native in (True, False):
+        mode = ["--native"] if native else ["--nonblocking"]
+        returncode, message = await _record(
+            [
+                executable,
+                "record",
+                f"--pid={pid}",
+                f"--duration={seconds}",
+                f"--rate={rate}",
+                "--format=raw",
+                f"--output={output}",
+                *mode,
+            ],
+            seconds=seconds,
+            workload=workload,
+        )
+        summary = _summary(
+            output, returncode=returncode, message=message, rate=rate, seconds=seconds
+        )
+        summary["native"] = native
+        if "error" not in summary:
+            break
+    return summary
+
+
+async def _record(
+    command: list[str], *, seconds: int, workload: Callable[[], Awaitable[object]]
+) -> tuple[int | None, str]:
+    """Run py-spy while ``workload()`` runs again and again; its exit code and stderr."""
     proc = await asyncio.create_subprocess_exec(
-        executable,
-        "record",
-        "--pid",
-        str(pid),
-        "--duration",
-        str(seconds),
-        "--rate",
-        str(rate),
-        "--format",
-        "raw",
-        "--output",
-        str(output),
-        # Sampling without pausing the process keeps the profile from slowing it.
-        "--nonblocking",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+        *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
     waiting = asyncio.create_task(proc.wait())
     try:
@@ -138,7 +200,7 @@ async def profile_while(
         waiting.cancel()
     assert proc.stderr is not None
     message = (await proc.stderr.read()).decode(errors="replace")
-    return _summary(output, returncode=proc.returncode, message=message, rate=rate, seconds=seconds)
+    return proc.returncode, message
 
 
 def _summary(

@@ -258,11 +258,24 @@ def _profiles(result: Mapping[str, Any]) -> list[str]:
             found.append(f"   {name}: {profile['error']}")
             continue
         areas = ", ".join(f"{area} {pct}%" for area, pct in profile["self_by_area"].items())
-        found.append(f"   {name}: busy {profile['busy_percent']}% of one core; self time: {areas}")
+        kind = "native + Python frames" if profile.get("native") else "Python frames"
         found += [
-            f"     {frame['percent']:5.1f}%  {frame['frame']}" for frame in profile["top_self"][:8]
+            f"   {name}: busy {profile['busy_percent']}% of one core ({kind})",
+            f"     self time by area: {areas}",
+            "     top self:",
+            *(f"     {f['percent']:5.1f}%  {f['frame']}" for f in profile["top_self"][:8]),
+            "     inclusive, our functions:",
+            *(f"     {f['percent']:5.1f}%  {f['frame']}" for f in profile["project_inclusive"][:6]),
         ]
-    return ["5. Where the time goes (py-spy, self time)", *found] if found else []
+        if profile.get("kernel_calls_by_caller"):
+            found += [
+                "     system calls by caller:",
+                *(
+                    f"     {f['percent']:5.1f}%  {f['frame']}"
+                    for f in profile["kernel_calls_by_caller"][:5]
+                ),
+            ]
+    return ["5. Where the time goes (py-spy; % of busy samples)", *found] if found else []
 
 
 def render(result: Mapping[str, Any]) -> str:

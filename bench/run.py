@@ -78,7 +78,7 @@ PLANS = {
         http_rounds=2,
         http_seconds=4.0,
         http_warmup=1.0,
-        sse_messages=40,
+        sse_messages=60,
         ready_repetitions=8,
         burst_lines=200_000,
         burst_repetitions=3,
@@ -205,6 +205,7 @@ class Runner:
         try:
             figures = await run()
         except asyncio.CancelledError:
+            self.result[name] = {"error": "cancelled: the run passed its deadline or was stopped"}
             raise
         except Exception as exc:
             self.failed = True

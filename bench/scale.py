@@ -98,6 +98,8 @@ async def scale(
 
     created: list[str] = []
     points: list[dict[str, Any]] = []
+    # The first call on a channel also connects it: not part of any figure.
+    await agents.ListAgents(pb.ListAgentsRequest(session_id=SESSION))
     try:
         points.append(await measure(0))
         for count in counts:

@@ -103,6 +103,8 @@ async def create_to_ready(agents: pb_grpc.AgentServiceStub, *, repetitions: int)
     async with aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=2)
     ) as http:
+        # The first call on a channel also connects it: not part of any figure.
+        await agents.ListAgents(pb.ListAgentsRequest(session_id="bench-ready"))
         with tempfile.TemporaryDirectory(prefix="agentapi-bench-bare-") as cwd:
             for index in range(repetitions):
                 for turn in (0, 1) if index % 2 == 0 else (1, 0):

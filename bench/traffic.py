@@ -216,17 +216,9 @@ async def sse_latency(
                 sent = await _post_message(session, message_url, tag)
                 for path, subscriber in subscribers.items():
                     try:
-                        event = await subscriber.wait_for(
-                            lambda e, tag=tag: (
-                                e.name == "message_update"  # type: ignore[misc]
-                                and e.data.get("role") == "user"
-                                and e.data.get("message") == tag
-                            )
-                        )
+                        event = await subscriber.wait_for(_user_message(tag))
                         samples[path].append(event.at - sent)
-                        await subscriber.wait_for(
-                            lambda e: e.name == "status_change" and e.data.get("status") == "stable"
-                        )
+                        await subscriber.wait_for(_stable)
                     except TimeoutError:
                         lost += 1
                         logger.warning("%s: no event for message %d", path, index)
@@ -237,6 +229,21 @@ async def sse_latency(
         "paths": paths,
         "ratios": _path_ratios(paths, {"p50": "p50_ms", "p99": "p99_ms"}),
     }
+
+
+def _user_message(content: str) -> Callable[[Event], bool]:
+    def match(event: Event) -> bool:
+        return (
+            event.name == "message_update"
+            and event.data.get("role") == "user"
+            and event.data.get("message") == content
+        )
+
+    return match
+
+
+def _stable(event: Event) -> bool:
+    return event.name == "status_change" and event.data.get("status") == "stable"
 
 
 @contextlib.asynccontextmanager

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import urllib3
 from kubernetes import client, config, watch
 from kubernetes.client import ApiException
 
@@ -461,7 +462,7 @@ def test_replacing_a_stale_version_conflicts(core: client.CoreV1Api) -> None:
 
 
 def test_patches_change_labels_and_replicas_and_bump_generation_only_for_spec(
-    kube: KubeDouble, apps: client.AppsV1Api
+    kube: KubeDouble, core: client.CoreV1Api, apps: client.AppsV1Api
 ) -> None:
     created = apps.create_namespaced_stateful_set(NS, statefulset("agent-p1"))
 
@@ -481,6 +482,10 @@ def test_patches_change_labels_and_replicas_and_bump_generation_only_for_spec(
     assert scaled.spec.replicas == 0
     assert scaled.metadata.labels == {"app": "agent-p1"}
     assert scaled.metadata.generation == created.metadata.generation + 1
+    kube.wait_for(
+        lambda: gone(lambda: core.read_namespaced_pod("agent-p1-0", NS)), what="scaled to 0"
+    )
+    assert core.read_namespaced_persistent_volume_claim("data-agent-p1-0", NS)
 
     json_patched = apps.patch_namespaced_stateful_set(
         "agent-p1", NS, [{"op": "replace", "path": "/spec/replicas", "value": 1}]
@@ -488,6 +493,28 @@ def test_patches_change_labels_and_replicas_and_bump_generation_only_for_spec(
     assert json_patched.spec.replicas == 1
     assert json_patched.metadata.generation == created.metadata.generation + 2
     assert [r.method for r in kube.requests(verb="patch", resource="statefulsets")] == ["PATCH"] * 3
+    kube.wait_for(lambda: pod_if_ready(core, "agent-p1-0"), what="scaled back to 1")
+
+
+def test_a_deleted_pod_is_recreated_by_its_set(
+    kube: KubeDouble, core: client.CoreV1Api, apps: client.AppsV1Api
+) -> None:
+    first = start_agent(kube, core, apps, "agent-p2")
+
+    answer = core.delete_namespaced_pod("agent-p2-0", NS)
+
+    # Graceful: the pod is answered back, terminating, and goes away a little later.
+    assert answer.metadata.deletion_timestamp is not None
+    assert answer.metadata.deletion_grace_period_seconds == 30
+    second = kube.wait_for(
+        lambda: (
+            (pod := pod_if_ready(core, "agent-p2-0"))
+            and pod.metadata.uid != first.metadata.uid
+            and pod
+        ),
+        what="a new agent-p2-0",
+    )
+    assert second.metadata.labels == first.metadata.labels
 
 
 def test_invalid_objects_are_refused_with_the_real_messages(
@@ -723,7 +750,8 @@ def test_k01_a_53_character_set_name_fails_for_long_hashes_only(
             assert event.type == "Warning"
             assert event.message == (
                 f'create Pod {name}-0 in StatefulSet {name} failed error: Pod "{name}-0" is '
-                f'invalid: metadata.labels: Invalid value: "{label}": must be no more than 63 characters'
+                f'invalid: metadata.labels: Invalid value: "{label}": '
+                "must be no more than 63 characters"
             )
             # The claim is created before the pod, so it exists anyway (and leaks).
             assert core.read_namespaced_persistent_volume_claim(f"data-{name}-0", namespace)
@@ -1048,10 +1076,8 @@ def test_image_pull_failure_shows_err_image_pull_then_back_off(
         ).items
         if e.type == "Warning" and e.reason == "Failed"
     }
-    assert (
-        'Failed to pull image "registry.invalid/agent:1": rpc error: code = NotFound desc = not found'
-        in messages
-    )
+    pull_error = "rpc error: code = NotFound desc = not found"
+    assert f'Failed to pull image "registry.invalid/agent:1": {pull_error}' in messages
     assert "Error: ImagePullBackOff" in messages
 
     kube.clear_image_pull_failure("registry.invalid/agent:1")
@@ -1087,6 +1113,32 @@ def test_without_a_storage_class_claim_and_pod_stay_pending(
     kube.wait_for(
         lambda: pod_if_ready(core, "agent-v1-0"), what="pod runs once a default class exists"
     )
+
+
+def test_failed_provisioning_is_reported_on_the_claim_and_the_pod(
+    kube: KubeDouble, core: client.CoreV1Api, apps: client.AppsV1Api
+) -> None:
+    kube.fail_provisioning("failed to provision volume: no space left on the storage pool")
+    apps.create_namespaced_stateful_set(NS, statefulset("agent-v2"))
+
+    def provisioning_failed() -> list[client.CoreV1Event]:
+        selector = "involvedObject.name=data-agent-v2-0,reason=ProvisioningFailed"
+        return list(core.list_namespaced_event(NS, field_selector=selector).items)
+
+    event = kube.wait_for(provisioning_failed, what="ProvisioningFailed")[0]
+    assert event.type == "Warning"
+    assert event.message == "failed to provision volume: no space left on the storage pool"
+    kube.wait_for(
+        lambda: (
+            core.list_namespaced_event(
+                NS, field_selector="involvedObject.name=agent-v2-0,reason=FailedScheduling"
+            ).items
+        ),
+        what="FailedScheduling",
+    )
+
+    kube.fail_provisioning(None)
+    kube.wait_for(lambda: pod_if_ready(core, "agent-v2-0"), what="pod runs once provisioning works")
 
 
 def test_insufficient_capacity_keeps_the_pod_unschedulable(
@@ -1154,7 +1206,8 @@ def test_unavailable_server_and_injected_errors(kube: KubeDouble, core: client.C
 def test_slow_responses_run_into_client_timeouts(kube: KubeDouble, core: client.CoreV1Api) -> None:
     kube.set_latency(5.0, verb="list", resource="pods")
 
-    with pytest.raises(Exception) as slow:  # urllib3 raises its own timeout error
+    # The client does not wrap urllib3's errors: a read timeout after its retries.
+    with pytest.raises(urllib3.exceptions.HTTPError) as slow:
         core.list_namespaced_pod(NS, _request_timeout=0.2)
     assert "timed out" in str(slow.value).lower()
 
@@ -1167,51 +1220,37 @@ def test_slow_responses_run_into_client_timeouts(kube: KubeDouble, core: client.
 
 def test_stop_ends_open_streams_and_frees_the_port(tmp_path: Path) -> None:
     kube = KubeDouble(tmp_path).start()
-    try:
-        api = _api_client(kube)
-        core = client.CoreV1Api(api)
-        apps = client.AppsV1Api(api)
-        start_agent(kube, core, apps, "agent-z1")
-        ended: queue.Queue[str] = queue.Queue()
+    ended: queue.Queue[str] = queue.Queue()
 
-        def drain(what: str, open_stream: Callable[[], Iterator[Any]]) -> None:
-            try:
-                for _ in open_stream():
-                    pass
-            except Exception:  # the connection may end either cleanly or with a reset
+    def drain(what: str, open_stream: Callable[[], Iterator[Any]]) -> None:
+        try:
+            for _ in open_stream():
                 pass
-            ended.put(what)
+        except Exception:  # the end may be clean or a reset connection; both are fine
+            pass
+        ended.put(what)
 
-        threads = [
-            threading.Thread(
-                target=drain,
-                args=(
-                    "watch",
-                    lambda: watch.Watch().stream(core.list_namespaced_pod, NS, timeout_seconds=60),
+    with _api_client(kube) as api:
+        core = client.CoreV1Api(api)
+        try:
+            start_agent(kube, core, client.AppsV1Api(api), "agent-z1")
+            streams: dict[str, Callable[[], Iterator[Any]]] = {
+                "watch": lambda: watch.Watch().stream(core.list_namespaced_pod, NS),
+                "logs": lambda: watch.Watch().stream(
+                    core.read_namespaced_pod_log, "agent-z1-0", NS
                 ),
-                daemon=True,
-            ),
-            threading.Thread(
-                target=drain,
-                args=(
-                    "logs",
-                    lambda: watch.Watch().stream(core.read_namespaced_pod_log, "agent-z1-0", NS),
-                ),
-                daemon=True,
-            ),
-        ]
-        for thread in threads:
-            thread.start()
-        kube.wait_for(
-            lambda: len(kube.requests(verb="watch")) and kube.requests(resource="pods/log"),
-            what="streams open",
-        )
-    finally:
-        kube.stop()
-    assert {ended.get(timeout=30), ended.get(timeout=30)} == {"watch", "logs"}
-    api.close()
+            }
+            for what, open_stream in streams.items():
+                threading.Thread(target=drain, args=(what, open_stream), daemon=True).start()
+            kube.wait_for(
+                lambda: kube.requests(verb="watch") and kube.requests(resource="pods/log"),
+                what="both streams open",
+            )
+        finally:
+            kube.stop()
 
-    port = int(kube.url.rsplit(":", 1)[1])
+        assert {ended.get(timeout=30), ended.get(timeout=30)} == {"watch", "logs"}
+
     with socket.socket() as probe, pytest.raises(OSError):
-        probe.connect(("127.0.0.1", port))
+        probe.connect(("127.0.0.1", kube.port))
     assert not kube.kubeconfig.exists()

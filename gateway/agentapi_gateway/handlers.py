@@ -183,6 +183,8 @@ async def read_json_body(request: web.Request, *, max_bytes: int) -> Any:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidArgument(f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidArgument("the request body nests JSON arrays or objects too deeply") from exc
 
 
 async def _ended_at_start(call: grpc.aio.UnaryStreamCall[Message, Message]) -> bool:

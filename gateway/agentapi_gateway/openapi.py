@@ -182,7 +182,7 @@ def openapi_document(
     builder = _DocumentBuilder(bindings, comments=comments or {})
     paths: dict[str, dict[str, Any]] = {}
     for binding, operation_id in builder.described_bindings():
-        path = _openapi_path(binding.path.template)
+        path = binding.path.template.replace("=*}", "}")
         paths.setdefault(path, {})[binding.http_method.lower()] = builder.operation(
             binding, operation_id=operation_id
         )
@@ -357,10 +357,9 @@ class _DocumentBuilder:
         self._names: dict[str, str] = {}
         described = [binding for binding, _ in self.described_bindings()]
         self._package = described[0].method.containing_service.file.package if described else ""
-        self._input_messages = _reachable(b.method.input_type for b in described)
-        # Every request message is also what a client writes, never what it reads.
-        self._output_only = _reachable(b.method.output_type for b in described) - (
-            self._input_messages
+        # A message that a client also writes requires only its REQUIRED fields.
+        self._output_only = _reachable(b.method.output_type for b in described) - _reachable(
+            b.method.input_type for b in described
         )
 
     def comment(self, full_name: str) -> str:
@@ -372,8 +371,9 @@ class _DocumentBuilder:
         for binding in self._bindings:
             if binding.method.client_streaming or binding.http_method == "*":
                 continue
-            if any(part in {"*", "**"} for part in _anonymous_segments(binding.path.template)):
-                # OpenAPI cannot name an anonymous wildcard; no binding of ours has one.
+            if not _single_segment_variables(binding.path.template):
+                # An OpenAPI path parameter is one segment and has a name; no binding of
+                # ours has an anonymous wildcard or a "{name=a/*}" variable.
                 logger.debug("%s is left out of the OpenAPI document", binding.path.template)
                 continue
             count = seen.get(binding.rpc_name, 0)
@@ -381,11 +381,11 @@ class _DocumentBuilder:
             yield binding, binding.rpc_name if count == 0 else f"{binding.rpc_name}_{count}"
 
     def schemas(self) -> dict[str, dict[str, Any]]:
-        for name, schema in _gateway_schemas().items():
-            if name in self._schemas:
-                raise ValueError(f"a proto type is named {name!r}, like a gateway schema")
-            self._schemas[name] = schema
-        return dict(sorted(self._schemas.items()))
+        """The component schemas: those of the described operations and the error bodies."""
+        gateway = _gateway_schemas()
+        for name in gateway.keys() & self._schemas.keys():
+            raise ValueError(f"a proto type is named {name!r}, like a gateway schema")
+        return dict(sorted({**self._schemas, **gateway}.items()))
 
     def operation(self, binding: HttpBinding, *, operation_id: str) -> dict[str, Any]:
         method = binding.method
@@ -492,7 +492,7 @@ class _DocumentBuilder:
                 }
             else:
                 parameter["schema"] = self._single_schema(field)
-            if _behaviors(field) & {field_behavior_pb2.REQUIRED}:
+            if field_behavior_pb2.REQUIRED in _behaviors(field):
                 parameter["required"] = True
             parameters.append(self._describe(parameter, field))
         return parameters
@@ -709,14 +709,13 @@ def _error_responses() -> dict[str, Any]:
     return responses
 
 
-def _openapi_path(template: str) -> str:
-    """``/a/{field=*}:verb`` -> ``/a/{field}:verb`` (the variable patterns become schemas)."""
-    return re.sub(r"\{([^}=]+)(=[^}]*)?\}", r"{\1}", template)
-
-
-def _anonymous_segments(template: str) -> list[str]:
-    without_variables = re.sub(r"\{[^}]*\}", "", template.partition(":")[0])
-    return without_variables.split("/")
+def _single_segment_variables(template: str) -> bool:
+    """Whether every wildcard of ``template`` is a variable of one segment (``{f}``, ``{f=*}``)."""
+    variables = re.findall(r"\{[^}]*\}", template)
+    if any("=" in variable and not variable.endswith("=*}") for variable in variables):
+        return False
+    literal = re.sub(r"\{[^}]*\}", "", template.partition(":")[0])
+    return "*" not in literal
 
 
 def _text_capable(binding: HttpBinding) -> bool:

@@ -73,7 +73,12 @@ class ControlPlane:
             or authenticator_from_settings(settings.auth, listen=[settings.server.grpc_listen]),
         )
         self.health = HealthServicer()
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.server = grpc.aio.server(
+            options=[
+                *SERVER_OPTIONS,
+                ("grpc.max_receive_message_length", settings.server.max_message_bytes),
+            ]
+        )
         self.port = 0
         self._agent_counts: Collector | None = None
         self._metrics_runner: web.AppRunner | None = None

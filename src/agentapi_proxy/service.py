@@ -288,7 +288,11 @@ class AgentService(pb_grpc.AgentServiceServicer):
             since = request.since.ToTimedelta()
             if since <= timedelta(0):
                 raise errors.InvalidArgument("since must be a positive duration")
-            since_time = datetime.now(UTC) - since
+            try:
+                since_time = datetime.now(UTC) - since
+            except OverflowError:
+                # Reaches back before year 1: every line is newer, so there is no bound.
+                since_time = None
         elif request.HasField("since_time"):
             since_time = request.since_time.ToDatetime(tzinfo=UTC)
         if request.HasField("limit_bytes") and request.limit_bytes <= 0:

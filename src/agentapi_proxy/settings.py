@@ -96,6 +96,8 @@ class ServerSettings:
     grpc_listen: str = "127.0.0.1:50051"
     # Seconds open calls get to finish on SIGTERM before they are cancelled.
     shutdown_grace_seconds: float = 5.0
+    # Largest gRPC message accepted; bodies and logs travel in 64 KiB chunks anyway.
+    max_message_bytes: int = 4 * 1024 * 1024
     # host:port for Prometheus /metrics of a control plane run on its own; empty: off
     # (``serve`` shows them on the gateway's /metrics).
     metrics_listen: str = ""
@@ -409,7 +411,9 @@ def _check(value: Any, prefix: tuple[str, ...], source_of: Any) -> None:
             raise fail("level", "one of debug, info, warning, error")
         if value.format not in {"text", "json"}:
             raise fail("format", "'text' or 'json'")
-    elif isinstance(value, (ServerSettings, GatewaySettings)):
+    elif isinstance(value, ServerSettings) and value.max_message_bytes < 64 * 1024:
+        raise fail("max_message_bytes", "at least 65536 bytes")
+    if isinstance(value, (ServerSettings, GatewaySettings)):
         for name in ("grpc_listen", "listen", "control_plane", "metrics_listen"):
             address = getattr(value, name, None)
             if name == "metrics_listen" and not address:

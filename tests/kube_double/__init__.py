@@ -1,9 +1,9 @@
 """A Kubernetes API server test double for provision-mode tests.
 
-There is no cluster on the test machines. ``KubeDouble`` starts a real HTTP
-server on 127.0.0.1 (port 0) that the official ``kubernetes`` client, pointed
-at it through a real kubeconfig file with a bearer token, cannot tell from an
-API server for what the StatefulSet driver uses:
+There is no cluster on the test machines. :class:`KubeDouble` starts a real
+HTTP server on 127.0.0.1 (port 0) that the official ``kubernetes`` client,
+pointed at it through a real kubeconfig file with a bearer token, cannot tell
+from an API server for what the StatefulSet driver uses:
 
 - ``apps/v1`` statefulsets; ``v1`` services, configmaps, persistentvolumeclaims,
   pods (read and delete: pods come from the fake StatefulSet controller),
@@ -18,23 +18,19 @@ API server for what the StatefulSet driver uses:
   bookmarks, 410 Expired as an ERROR event), with ``Status`` errors worded as
   the real server words them.
 - Validation of every received object against the OpenAPI schema bundled with
-  ``kubernetes-validate`` (strict) plus the name, label, quantity and
-  immutability rules the schema lacks; see :mod:`.validation` for where the
-  double is stricter than a real server on purpose.
-- A fake cluster: StatefulSet controller (PVCs from claim templates, pods
-  labelled with the real ``controller-revision-hash``, so over-long names fail
-  only for some templates: case K01), garbage collector, PVC binder and
-  protection, scheduler and kubelet (Pending -> Running -> ready), and faults
-  to inject (RBAC denials, image pull failures, unbindable claims, no
-  capacity, crash loops, 5xx answers, latency, log output).
+  ``kubernetes-validate`` (strict), plus the name, label, quantity and
+  immutability rules the schema lacks.
+- A fake cluster: StatefulSet controller (claims from templates, pods labelled
+  with the real ``controller-revision-hash``, so over-long set names fail only
+  for some templates: case K01), garbage collector, PVC binder and protection,
+  scheduler and kubelet (Pending -> Running -> ready), and faults to inject.
 
 Threading: the server and the fake controllers run on their own event loop
-in a thread of their own. Tests call the synchronous client directly (or via
-``asyncio.to_thread`` from async code under test); the double never shares a
-loop with the code under test, so a blocking client call cannot stall it and
-``KubeDouble`` methods are safe from any thread. Every request is recorded
-(``requests()``, ``permissions_used()``) to count API calls per operation and
-check RBAC coverage.
+in a thread of their own. Tests call the synchronous client directly (async
+code under test calls it through ``asyncio.to_thread`` as it would anyway);
+the double never shares a loop with the code under test, so a blocking client
+call cannot stall it. Every ``KubeDouble`` method is thread-safe and returns
+within milliseconds (``stop`` waits up to 2 s for open streams).
 
 Typical fixture::
 
@@ -44,11 +40,27 @@ Typical fixture::
             yield double
             assert not double.internal_errors
 
-Known gaps (none of them used by the driver): no managedFields or field
-ownership (server-side apply is a strategic merge that may create), no
-historical list snapshots (``resourceVersionMatch=Exact`` only checks the RV is
-still kept), status subresource writes are refused, no TLS (the kubeconfig
-points at ``http://``), Events only in ``core/v1``.
+    configuration = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(
+        config_file=str(kube.kubeconfig), client_configuration=configuration
+    )
+
+Where the double differs from a real API server, on purpose:
+
+- An unknown field is 422 Invalid; the real server (fieldValidation=Warn)
+  drops it with a warning, which hides typos. (The v37 client already refuses
+  unknown fields in dict bodies before sending.)
+- A malformed quantity (``cpu: 12xyz``) is 400 BadRequest "... cannot be
+  handled as a StatefulSet: quantities must match ...", as on a real server:
+  quantities are parsed while decoding, before validation.
+- Readiness is a timer (``Timings.ready``) and a knob (``set_ready``); probes
+  are not run against the servers registered with ``serve_pod``.
+
+Known gaps (none used by the driver): no managedFields or field ownership
+(server-side apply is a strategic merge that may create), no historical list
+snapshots (``resourceVersionMatch=Exact`` only checks the version is still
+kept), status subresource writes are refused, no TLS (the kubeconfig points at
+``http://``), Events only in ``core/v1``, no Services proxy.
 """
 
 from __future__ import annotations

@@ -253,6 +253,8 @@ class KubeDouble:
         """Poll ``predicate`` until it returns something truthy; return that.
 
         ``timeout`` is a hang guard, not an expectation: raise AssertionError naming ``what``.
+        Blocks the calling thread (sleeps between polls): from a coroutine, run it in
+        ``asyncio.to_thread`` or poll with ``asyncio.sleep`` instead.
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -330,16 +332,7 @@ class KubeDouble:
         if unavailable:
             self.inject_error(503)
         else:
-            self._call(
-                lambda: self.cluster.faults.injections.__setitem__(
-                    slice(None),
-                    [
-                        i
-                        for i in self.cluster.faults.injections
-                        if not (i.code == 503 and i.verb is None and i.resource is None)
-                    ],
-                )
-            )
+            self._call(self.cluster.faults.clear_unavailable)
 
     def clear_errors(self) -> None:
         self._call(self.cluster.faults.injections.clear)

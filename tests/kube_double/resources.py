@@ -93,7 +93,7 @@ SERVICES: Final = ResourceType(
     verbs=_RW - {"deletecollection"},
     name_rule=NameRule.DNS1035_LABEL,
     short_names=("svc",),
-    subresources=frozenset({"status", "proxy"}),
+    subresources=frozenset({"status"}),
     returns_deleted_object=True,
     has_status=True,
 )

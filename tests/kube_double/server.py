@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -34,6 +35,7 @@ from .status import (
     ApiError,
     JsonObject,
     bad_request,
+    internal_error,
     invalid,
     method_not_allowed,
     status_object,
@@ -201,6 +203,13 @@ class ApiServer:
             if exc.code >= 500:
                 logger.info("%s %s -> %s %s", request.method, info.path, exc.code, exc.message)
             response = _json(exc.status, exc.code, exc.headers)
+        except Exception as exc:
+            # A bug of the double: answer like the real server would, and make the test fail.
+            text = traceback.format_exc()
+            logger.error("%s %s failed:\n%s", request.method, info.path, text)
+            self.cluster.internal_errors.append(f"{request.method} {info.path}: {text}")
+            error = internal_error(repr(exc))
+            response = _json(error.status, error.code)
         record.status = response.status
         return response
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from .resources import ResourceType
+from .resources import STORED, ResourceType
 from .status import JsonObject, expired
 
 logger = logging.getLogger(__name__)
@@ -106,8 +106,6 @@ class Store:
 
     def iter_all(self) -> Iterator[tuple[ResourceType, JsonObject]]:
         """Every stored object (not copied: callers must not mutate)."""
-        from .resources import STORED
-
         for key, obj in list(self._objects.items()):
             yield STORED[(key[0], key[1])], obj
 

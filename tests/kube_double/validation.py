@@ -32,7 +32,7 @@ from .resources import (
     ResourceType,
 )
 from .selectors import labels_match, selector_from_object
-from .status import ApiError, FieldError, JsonObject, bad_request, invalid
+from .status import FieldError, JsonObject, bad_request, invalid
 
 SCHEMA_VERSION: Final = kubernetes_validate.latest_version()
 
@@ -644,11 +644,3 @@ def validate(rt: ResourceType, obj: JsonObject, *, old: JsonObject | None = None
         errors += update_errors(rt, old, obj)
     if errors:
         raise invalid(rt.kind, rt.group, name, errors)
-
-
-def raise_if(errors: list[FieldError], rt: ResourceType, name: str) -> None:
-    if errors:
-        raise invalid(rt.kind, rt.group, name, errors)
-
-
-__all__ = ["SCHEMA_VERSION", "ApiError", "check_decodable", "field_path", "validate"]
