@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -94,6 +95,8 @@ async def _run(settings: Settings, *, control_plane: bool, gateway: bool) -> Non
                 )
             except FailedPrecondition as exc:
                 raise SettingsError(f"gateway.listen = {settings.gateway.listen!r}: {exc}") from exc
+        # Start-up objects live for the whole run: keep the collector from rescanning them.
+        gc.freeze()
         await stop.wait()
         logger.info("shutting down")
     finally:

@@ -69,8 +69,10 @@ EXIT_FILE = "exit.json"
 LOG_TAIL_LINES = 20
 
 # Readiness is probed quickly while an agent starts (create-to-ready time is
-# what users feel), then slowly once it is ready.
-PROBE_INTERVAL_STARTING = 0.05
+# what users feel), less often when it is slow to come up, and slowly once ready.
+PROBE_INTERVAL_STARTING = 0.02
+PROBE_INTERVAL_SLOW_START = 0.5
+SLOW_START_AFTER = 5.0
 PROBE_INTERVAL_READY = 2.0
 PROBE_TIMEOUT = 2.0
 
@@ -475,12 +477,17 @@ class ProcessDriver(Driver):
                                 ),
                             )
                         )
-                interval = PROBE_INTERVAL_READY if ready else PROBE_INTERVAL_STARTING
-                await asyncio.sleep(interval)
+                await asyncio.sleep(self._probe_interval(agent, ready=ready))
         except asyncio.CancelledError:
             raise
         except Exception:
             for_agent(logger, agent_id).exception("monitor failed")
+
+    def _probe_interval(self, agent: _Agent, *, ready: bool) -> float:
+        if ready:
+            return PROBE_INTERVAL_READY
+        since = (datetime.now(UTC) - (agent.started_at or agent.create_time)).total_seconds()
+        return PROBE_INTERVAL_STARTING if since < SLOW_START_AFTER else PROBE_INTERVAL_SLOW_START
 
     def _should_restart(self, info: AgentInfo) -> bool:
         policy = self._settings.restart_policy
