@@ -5,7 +5,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh test
-if [ ! -x node_modules/.bin/buf ]; then
+# buf lints the proto; configurable-http-proxy is the bench's baseline proxy.
+if [ ! -x node_modules/.bin/buf ] || [ ! -x node_modules/.bin/configurable-http-proxy ] \
+  || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --silent --no-audit --no-fund
 fi
 py=.venv/bin/python
