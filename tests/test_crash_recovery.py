@@ -28,7 +28,14 @@ def shims_of(state_dir: Path) -> list[int]:
         except OSError:
             continue
         if b"--log-dir" in cmdline and any(str(state_dir).encode() in part for part in cmdline):
-            found.append(int(entry.name))
+            # A shim is its group's leader; its child shows the same command line for
+            # the instant before it execs the agent.
+            try:
+                leader = os.getpgid(int(entry.name)) == int(entry.name)
+            except ProcessLookupError:
+                continue
+            if leader:
+                found.append(int(entry.name))
     return found
 
 
@@ -99,7 +106,7 @@ async def test_kill_9_during_creates_and_deletes_leaves_no_orphans(tmp_path: Pat
             await asyncio.sleep(rng.uniform(0.05, 0.6))
             proxy.stop(signal.SIGKILL)
             await asyncio.gather(*tasks)
-            await channel.close()
+            await channel.close(None)
 
         proxy.start()
         channel, agents = stub(proxy.grpc_target)

@@ -475,7 +475,7 @@ def test_gateway_answers_as_documented(
         ],
     )
     @hypothesis.given(case=cases(operation, path=path, method=method, document=document))
-    def answers_as_documented(case: schemathesis.Case) -> None:
+    def answers_as_documented(case: schemathesis.Case[Any]) -> None:
         if waits_for_the_agent(case, operation_id=operation_id):
             agent = requests.get(f"{live.base_url}{agent_path(case)}", timeout=DEADLINE)
             hypothesis.assume(agent.status_code != 200)
@@ -493,7 +493,7 @@ def test_gateway_answers_as_documented(
 
 def cases(
     operation: Any, *, path: str, method: str, document: dict[str, Any]
-) -> st.SearchStrategy[schemathesis.Case]:
+) -> st.SearchStrategy[schemathesis.Case[Any]]:
     """Valid and invalid cases as the document allows, and valid ones with known ids."""
     parameters = document["paths"][path][method].get("parameters", [])
     names = [p["name"] for p in parameters if p["in"] == "path"]
@@ -507,14 +507,14 @@ def cases(
     )
 
 
-def waits_for_the_agent(case: schemathesis.Case, *, operation_id: str) -> bool:
+def waits_for_the_agent(case: schemathesis.Case[Any], *, operation_id: str) -> bool:
     if operation_id in WAITS_FOR_THE_AGENT:
         return True
     follow = case.query.get("follow") if isinstance(case.query, dict) else None
     return operation_id == "StreamLogs" and follow is not None and str(follow).lower() != "false"
 
 
-def agent_path(case: schemathesis.Case) -> str:
+def agent_path(case: schemathesis.Case[Any]) -> str:
     """``/agents/X`` for ``/agents/X:wait``, ``/agents/X/watch`` and ``/agents/X/logs``."""
     path: str = case.formatted_path
     return path.removesuffix(":wait") if path.endswith(":wait") else path.rsplit("/", 1)[0]

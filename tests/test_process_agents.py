@@ -270,3 +270,67 @@ class TestFailures:
                 agent = (await agents.GetAgent(pb.GetAgentRequest(agent_id="dies"))).agent
                 assert agent.state == pb.AGENT_STATE_FAILED
                 await agents.DeleteAgent(pb.DeleteAgentRequest(agent_id="dies"))
+
+
+class TestIsolation:
+    async def test_a_stranger_on_the_agents_port_gets_no_traffic(self, tmp_path: Path) -> None:
+        """Only the agent's own process group may serve its traffic (port takeover)."""
+        env = {"AGENTAPI_PROCESS_COMMAND": "sh -c 'exec sleep 3600' # {port}"}
+        with running_proxy(tmp_path, env=env, command="control-plane") as proxy:
+            channel, agents = stub(proxy.grpc_target)
+            async with channel:
+                created = await agents.CreateAgent(
+                    pb.CreateAgentRequest(session_id="s", agent_id="victim")
+                )
+                port = int(created.agent.address.rsplit(":", 1)[1])
+                impostor = await asyncio.create_subprocess_exec(
+                    *(sys.executable, "-m", "agentapi_proxy.reference_agent", "--port", str(port)),
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )
+                try:
+                    async for change in agents.WatchAgent(pb.WatchAgentRequest(agent_id="victim")):
+                        if change.agent.reason == "PortHijacked":
+                            break
+                        assert change.agent.state != pb.AGENT_STATE_READY
+                    call = agents.ProxyHTTP()
+                    await call.write(
+                        pb.ProxyHTTPRequest(
+                            head=pb.HTTPRequestHead(agent_id="victim", method="GET", path="/status")
+                        )
+                    )
+                    await call.done_writing()
+                    await expect_code(call.read(), grpc.StatusCode.FAILED_PRECONDITION)
+                finally:
+                    impostor.terminate()
+                    await impostor.wait()
+
+    async def test_open_streams_per_user_are_capped(self, tmp_path: Path) -> None:
+        env = {"AGENTAPI_SERVER_MAX_STREAMS_PER_USER": "3"}
+        with running_proxy(tmp_path, env=env, command="control-plane") as proxy:
+            channel, agents = stub(proxy.grpc_target)
+            async with channel:
+                await create_ready(agents, "capped")
+                follows = [
+                    agents.StreamLogs(pb.StreamLogsRequest(agent_id="capped", follow=True))
+                    for _ in range(3)
+                ]
+                for call in follows:
+                    await call.read()
+                extra = agents.StreamLogs(pb.StreamLogsRequest(agent_id="capped", follow=True))
+                error = await expect_code(extra.read(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+                assert "max_streams_per_user" in (error.details() or "")
+                follows[0].cancel()
+                again = agents.StreamLogs(pb.StreamLogsRequest(agent_id="capped", follow=True))
+                for _ in range(50):
+                    try:
+                        await again.read()
+                        break
+                    except grpc.aio.AioRpcError:
+                        again = agents.StreamLogs(
+                            pb.StreamLogsRequest(agent_id="capped", follow=True)
+                        )
+                        await asyncio.sleep(0.1)
+                assert not again.done()
+                for call in (*follows[1:], again):
+                    call.cancel()

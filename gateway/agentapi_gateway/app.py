@@ -34,6 +34,7 @@ from agentapi_gateway.openapi import add_openapi_route
 from agentapi_gateway.proxy import proxy_handler
 from agentapi_gateway.routes import HttpBinding, service_bindings
 from agentapi_proxy.errors import AgentApiError, FailedPrecondition
+from agentapi_proxy.metrics import handle_metrics
 from agentapi_proxy.settings import GatewaySettings
 from agentapi_proxy.v1 import agent_service_pb2 as pb
 
@@ -62,6 +63,9 @@ def create_app(
     add_openapi_route(app, service=service, bindings=bindings)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    # Prometheus text format: the gateway's figures, and under `serve` (one process,
+    # one registry) the control plane's too.
+    app.router.add_get("/metrics", handle_metrics)
     return app
 
 

@@ -71,6 +71,7 @@ class ControlPlane:
             self.relay,
             authenticator=authenticator
             or authenticator_from_settings(settings.auth, listen=[settings.server.grpc_listen]),
+            limits=settings.server,
         )
         self.health = HealthServicer()
         self.server = grpc.aio.server(

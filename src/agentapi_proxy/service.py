@@ -7,13 +7,14 @@ else in the project turns an error into a gRPC status.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import functools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -29,6 +30,7 @@ from agentapi_proxy.ids import (
     validate_session_id,
 )
 from agentapi_proxy.model import AgentInfo, AgentSpec, LogOptions, State, StreamEnd
+from agentapi_proxy.settings import ServerSettings
 from agentapi_proxy.traffic import TrafficRelay
 from agentapi_proxy.v1 import agent_service_pb2 as pb
 from agentapi_proxy.v1 import agent_service_pb2_grpc as pb_grpc
@@ -46,6 +48,9 @@ DEFAULT_WAIT = timedelta(seconds=60)
 MAX_WAIT = timedelta(seconds=600)
 MAX_ENV_ENTRIES = 128
 MAX_ENV_VALUE_BYTES = 32 * 1024
+# Labels travel in every Agent message: a few hundred agents must fit in one ListAgents.
+MAX_LABELS = 32
+MAX_ENV_TOTAL_BYTES = 64 * 1024
 _LABEL_KEY = re.compile(
     r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
     r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
@@ -121,8 +126,9 @@ def _streaming(
         open_streams.inc()
         try:
             async with _served(method.__name__, context, authenticator=self._authenticator):
-                async for item in method(self, request, context):
-                    yield item
+                with self._stream_slot():
+                    async for item in method(self, request, context):
+                        yield item
         finally:
             open_streams.dec()
 
@@ -131,16 +137,52 @@ def _streaming(
 
 class AgentService(pb_grpc.AgentServiceServicer):
     def __init__(
-        self, driver: Driver, relay: TrafficRelay, *, authenticator: Authenticator
+        self,
+        driver: Driver,
+        relay: TrafficRelay,
+        *,
+        authenticator: Authenticator,
+        limits: ServerSettings,
     ) -> None:
         self._driver = driver
         self._relay = relay
         self._authenticator = authenticator
+        self._limits = limits
         self._shutting_down = False
+        self._streams_total = 0
+        self._streams_by_user: collections.Counter[str] = collections.Counter()
 
     def begin_shutdown(self) -> None:
         """Open follow streams end with UNAVAILABLE instead of a clean end."""
         self._shutting_down = True
+
+    @contextlib.contextmanager
+    def _stream_slot(self) -> Iterator[None]:
+        """Hold one of the caller's open-stream slots; ResourceExhausted when none is left.
+
+        Each open stream holds a file descriptor or a connection, so one user
+        must not be able to starve everyone else of them.
+        """
+        user = _principal.get().user_id
+        if self._streams_total >= self._limits.max_streams:
+            raise errors.ResourceExhausted(
+                f"the control plane has {self._streams_total} streams open, its limit "
+                "(server.max_streams); close some and retry"
+            )
+        if self._streams_by_user[user] >= self._limits.max_streams_per_user:
+            raise errors.ResourceExhausted(
+                f"you have {self._streams_by_user[user]} streams open, the limit per user "
+                "(server.max_streams_per_user); close some and retry"
+            )
+        self._streams_total += 1
+        self._streams_by_user[user] += 1
+        try:
+            yield
+        finally:
+            self._streams_total -= 1
+            self._streams_by_user[user] -= 1
+            if not self._streams_by_user[user]:
+                del self._streams_by_user[user]
 
     def _check_not_shutting_down(self) -> None:
         if self._shutting_down:
@@ -175,6 +217,10 @@ class AgentService(pb_grpc.AgentServiceServicer):
         agent_id = validate_agent_id(request.agent_id) if request.agent_id else new_agent_id()
         if len(request.env) > MAX_ENV_ENTRIES:
             raise errors.InvalidArgument(f"at most {MAX_ENV_ENTRIES} environment variables")
+        if sum(len(k) + len(v.encode()) for k, v in request.env.items()) > MAX_ENV_TOTAL_BYTES:
+            raise errors.InvalidArgument(
+                f"the environment must stay under {MAX_ENV_TOTAL_BYTES} bytes in all"
+            )
         for name, value in request.env.items():
             validate_env_name(name)
             if len(value.encode()) > MAX_ENV_VALUE_BYTES or "\x00" in value:
@@ -182,6 +228,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
                     f"environment variable {name} must be under {MAX_ENV_VALUE_BYTES} bytes "
                     "without NUL characters"
                 )
+        if len(request.labels) > MAX_LABELS:
+            raise errors.InvalidArgument(f"at most {MAX_LABELS} labels")
         for key, value in request.labels.items():
             if len(key.split("/")[-1]) > 63 or not _LABEL_KEY.fullmatch(key):
                 raise errors.InvalidArgument(

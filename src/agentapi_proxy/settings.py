@@ -96,6 +96,10 @@ class ServerSettings:
     grpc_listen: str = "127.0.0.1:50051"
     # Seconds open calls get to finish on SIGTERM before they are cancelled.
     shutdown_grace_seconds: float = 5.0
+    # Open streams (log follows, watches, traffic) in all, and per user: each holds a
+    # file descriptor or a connection.
+    max_streams: int = 8192
+    max_streams_per_user: int = 1024
     # Largest gRPC message accepted; bodies and logs travel in 64 KiB chunks anyway.
     max_message_bytes: int = 4 * 1024 * 1024
     # host:port for Prometheus /metrics of a control plane run on its own; empty: off
@@ -110,6 +114,12 @@ class GatewaySettings:
     control_plane: str = "127.0.0.1:50051"
     # Upper bound on a JSON request body of the REST routes (proxied bodies stream).
     max_json_body_bytes: int = 1_048_576
+    # How agent traffic travels: "grpc" through the control plane (ProxyHTTP), or
+    # "direct" from the gateway to the agent, which it must be able to reach.
+    traffic_path: str = "grpc"
+    # On the direct path, how long one authorization (GrantAgentAccess) is reused: a
+    # deleted agent or a revoked key stops being reachable at most this much later.
+    direct_grant_ttl_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -413,6 +423,11 @@ def _check(value: Any, prefix: tuple[str, ...], source_of: Any) -> None:
             raise fail("format", "'text' or 'json'")
     elif isinstance(value, ServerSettings) and value.max_message_bytes < 64 * 1024:
         raise fail("max_message_bytes", "at least 65536 bytes")
+    elif isinstance(value, GatewaySettings):
+        if value.traffic_path not in {"grpc", "direct"}:
+            raise fail("traffic_path", "'grpc' or 'direct'")
+        if not 0 < value.direct_grant_ttl_seconds <= 60:
+            raise fail("direct_grant_ttl_seconds", "more than 0 and at most 60 seconds")
     if isinstance(value, (ServerSettings, GatewaySettings)):
         for name in ("grpc_listen", "listen", "control_plane", "metrics_listen"):
             address = getattr(value, name, None)

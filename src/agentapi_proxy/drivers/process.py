@@ -93,6 +93,8 @@ class _Agent:
     started_at: datetime | None = None
     # Restarts in a row without a long enough run in between (sets the back-off).
     failures: int = 0
+    # Inode of the listening socket verified to belong to the agent's group.
+    port_inode: int | None = None
     monitor: asyncio.Task[None] | None = None
     logs_done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -152,7 +154,7 @@ class ProcessDriver(Driver):
     # --- lifecycle of the driver ---------------------------------------------
 
     async def start(self) -> None:
-        self._root.mkdir(parents=True, exist_ok=True)
+        self._root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT),
             connector=aiohttp.TCPConnector(limit=0, force_close=True),
@@ -305,12 +307,29 @@ class ProcessDriver(Driver):
     async def endpoint(self, agent_id: str) -> Endpoint:
         agent = self._find(agent_id)
         info = self._current(agent)
-        if info.state in {State.FAILED, State.STOPPING}:
+        if info.state in {State.FAILED, State.STOPPING} or agent.port_inode is None:
             raise FailedPrecondition(
-                f"agent {agent_id!r} is {info.state.value}: {info.message or info.reason}",
-                reason=info.reason,
+                f"agent {agent_id!r} is {info.state.value}"
+                + (f": {info.message or info.reason}" if info.reason else "")
+                + ("; wait until it is ready" if info.state is State.STARTING else ""),
+                reason=info.reason or info.state.value,
             )
         return Endpoint(base_url=f"http://127.0.0.1:{agent.port}", host=f"localhost:{agent.port}")
+
+    def _owns_port(self, agent: _Agent) -> bool:
+        """Whether the socket listening on the agent's port belongs to its process group.
+
+        Another local process could bind the port after the agent died; traffic
+        must never reach it. A full check (scanning the group's descriptors) runs
+        only when the listening socket changes.
+        """
+        inode = _listening_inode(agent.port)
+        if inode is not None and inode == agent.port_inode:
+            return True
+        agent.port_inode = (
+            inode if inode is not None and _inode_held_by_group(inode, agent.pid) else None
+        )
+        return agent.port_inode is not None
 
     # --- helpers ---------------------------------------------------------------
 
@@ -402,11 +421,15 @@ class ProcessDriver(Driver):
             )
         agent.pid = agent.popen.pid
         agent.pid_start = _process_identity(agent.pid)
+        agent.port_inode = None
         agent.started_at = datetime.now(UTC)
 
     def _write_record(self, agent: _Agent) -> None:
         tmp = agent.directory / (RECORD_FILE + ".tmp")
-        tmp.write_text(json.dumps(agent.record()))
+        # The record holds the agent's environment, which may carry secrets.
+        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            json.dump(agent.record(), file)
         os.replace(tmp, agent.directory / RECORD_FILE)
 
     async def _allocate_port(self) -> int:
@@ -447,7 +470,24 @@ class ProcessDriver(Driver):
                     continue
                 state = self._current(agent).state
                 ready = await self._probe(agent)
-                if ready and state is not State.READY:
+                if ready and not self._owns_port(agent):
+                    ready = False
+                    if self._current(agent).reason != "PortHijacked":
+                        self._board.publish(
+                            self._info(
+                                agent,
+                                State.UNREADY if state is State.READY else State.STARTING,
+                                reason="PortHijacked",
+                                message=(
+                                    f"port {agent.port} is served by a process outside the "
+                                    "agent; its traffic is refused until the agent serves it"
+                                ),
+                            )
+                        )
+                        for_agent(logger, agent_id).error(
+                            "port %s is served by another process", agent.port
+                        )
+                elif ready and state is not State.READY:
                     if agent.ready_time is None:
                         agent.ready_time = datetime.now(UTC)
                         self._write_record(agent)
@@ -658,6 +698,40 @@ def _process_identity(pid: int | None) -> int | None:
     if fields[0] == "Z":
         return None
     return int(fields[19])
+
+
+def _listening_inode(port: int) -> int | None:
+    """Inode of the TCP socket listening on ``port`` (IPv4 or IPv6), if any."""
+    wanted = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address ends with :PORT in hex; state 0A is LISTEN.
+            if fields[1].endswith(wanted) and fields[3] == "0A":
+                return int(fields[9])
+    return None
+
+
+def _inode_held_by_group(inode: int, pgid: int | None) -> bool:
+    if pgid is None:
+        return False
+    target = f"socket:[{inode}]"
+    for pid in _all_pids():
+        if _group_of(pid) != pgid:
+            continue
+        try:
+            descriptors = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for descriptor in descriptors:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{descriptor}") == target:
+                    return True
+    return False
 
 
 def _shims_logging_to(directory: Path) -> list[int]:

@@ -5,64 +5,96 @@ of API calls, whatever the number of agents), and the spec is rebuilt from
 the objects' annotations, so a restarted control plane or a second replica
 sees the same agents. The official ``kubernetes`` client does the
 request/response calls on a bounded thread pool, so a slow API server never
-blocks the event loop (K04). Streams (pod logs, agent traffic) use aiohttp
-with the same credentials, so they cost no thread and cancelling one closes
-its connection.
+blocks the event loop (K04). Streams (watches, pod logs, agent traffic) use
+aiohttp with the same credentials, so they cost no thread and cancelling one
+closes its connection.
 
-API calls per operation (all namespaced):
+API calls per operation (all in ``provision_mode.namespace``; the RBAC rules
+that cover them are
+:data:`~agentapi_proxy.drivers.statefulset_objects.REQUIRED_RBAC_RULES`, and
+the tests check the double saw no other call):
 
-- create: GET statefulset, GET claim, POST configmap, POST service, POST statefulset
-  (plus DELETE of what was made when a later step fails);
-- get: GET statefulset, GET pod, GET claim, and LIST events when not ready;
-- list: LIST statefulsets, LIST pods, LIST claims, and LIST events when one is not ready;
-- delete: GET statefulset, DELETE statefulset, service, configmap, and the claim
-  when ``pvc_delete_policy`` is ``delete``;
-- logs: GET statefulset, GET pods/log (streamed);
-- traffic: pods/proxy through the API server from outside the cluster, or the
-  headless Service's DNS name from inside.
+- create: GET statefulset; GET persistentvolumeclaim and GET pod in parallel
+  (leftovers of an earlier agent with the id); POST configmap, POST service,
+  POST statefulset; then the calls of get. A 409 on a POST costs a GET of that
+  object (and, for one of ours left by an interrupted create with another
+  spec, a DELETE and the POST again). A failure DELETEs what this call made;
+- get: GET statefulset, GET pod, GET persistentvolumeclaim in parallel. Warning
+  events come from the events watch; only while that watch has not synced yet
+  and the agent is not ready, one LIST events (``fieldSelector=type=Warning``);
+- list: LIST statefulsets, LIST pods, LIST persistentvolumeclaims by label
+  selector, in parallel (plus the LIST of events as for get): three calls for
+  any number of agents;
+- delete: the calls of get, then DELETE statefulset (uid precondition,
+  background propagation), DELETE service, DELETE configmap, and DELETE
+  persistentvolumeclaim when the StatefulSet's claim retention policy (else
+  ``pvc_delete_policy``) is Delete;
+- logs: the calls of get (repeated, at most every 2 s, while a follower waits
+  for the container to start), then GET pods/log (streamed; follow, tailLines,
+  sinceTime, timestamps, previous, limitBytes passed through); when a followed
+  log ends, the calls of get once more to say why;
+- traffic: from outside the cluster GET or POST pods/proxy (RBAC verbs get,
+  create: the agent API uses only these methods) through the API server, from
+  inside the headless Service's DNS name; finding the agent reads the
+  StateBoard, or costs the calls of get when the board does not know it;
+- in the background: WATCH statefulsets and WATCH pods (our label selector)
+  and WATCH events (``type=Warning``), each resumed from its last
+  resourceVersion (bookmarks on) and started over with a LIST after 410 Gone;
+  a change of an agent's objects costs the calls of get for that agent (more
+  than :data:`FULL_REFRESH_AT` agents at once, one list instead), and every
+  :data:`RESYNC_SECONDS` one list as a safety net.
 
 K02 policy: with ``pvc_delete_policy: delete`` the claim is deleted with the
-agent; a create of the same id while the old claim is still terminating is
-refused with UNAVAILABLE and a retry delay, never accepted into a pod stuck
-Pending. With ``retain`` the claim, and its data, is reused by the next agent
-with the same id.
+agent; a create of the same id while the old claim is still terminating (or
+the old pod still stopping) is refused with UNAVAILABLE and a retry delay,
+and nothing is created, so no pod is ever left Pending on a terminating claim.
+With ``retain`` the claim, and its data, is reused by the next agent with the
+same id.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
 import os
 import shlex
 import ssl
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from datetime import UTC
-from typing import Any, TypeVar
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import aiohttp
 import urllib3
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
-from kubernetes.client.exceptions import ApiException
+from kubernetes.client.exceptions import ApiException, OpenApiException
 
 from agentapi_proxy.drivers import statefulset_objects as objects
 from agentapi_proxy.drivers.base import Driver
-from agentapi_proxy.drivers.statefulset_state import Observed, observe, parse_time
+from agentapi_proxy.drivers.statefulset_state import (
+    PENDING_PROBLEMS,
+    Observed,
+    container_exit,
+    container_has_run,
+    has_previous_run,
+    observe,
+    parse_time,
+)
 from agentapi_proxy.errors import (
     AgentApiError,
     AlreadyExists,
     FailedPrecondition,
     Internal,
-    InvalidArgument,
     NotFound,
     PermissionDenied,
     Unavailable,
 )
+from agentapi_proxy.ids import AGENT_NAME_PREFIX
 from agentapi_proxy.logconfig import for_agent
 from agentapi_proxy.model import (
     AgentInfo,
@@ -78,33 +110,66 @@ from agentapi_proxy.stateboard import StateBoard
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 Obj = dict[str, Any]
 
-API_THREADS = 16
-REFRESH_SECONDS = 1.0
-LOG_CHUNK_BYTES = 64 * 1024
-# Messages of the API server for a container that has not started yet.
-NOT_STARTED_MARKERS = ("waiting to start", "ContainerCreating", "PodInitializing", "not found")
+API_THREADS: Final = 16
+REQUEST_TIMEOUT_SECONDS: Final = 30
+# The API server ends a watch after this; it is then renewed from the last resourceVersion.
+WATCH_SECONDS: Final = 290
+RETRY_MAX_SECONDS: Final = 5.0
+# A full list this often even when the watches report nothing (a missed event heals).
+RESYNC_SECONDS: Final = 60.0
+# Changes arriving within this window are handled together.
+REFRESH_DEBOUNCE_SECONDS: Final = 0.05
+FULL_REFRESH_AT: Final = 8
+MAX_CACHED_WARNINGS: Final = 2000
+LOG_CHUNK_BYTES: Final = 64 * 1024
+# How long a log follower waits for a container that is being created.
+LOG_WAIT_SECONDS: Final = 120.0
+LOG_RECHECK_SECONDS: Final = 2.0
+LEFTOVER_RETRY_SECONDS: Final = 2.0
 
 
 def load_kube_configuration(kubeconfig: str) -> tuple[k8s.Configuration, bool]:
-    """The client configuration and whether the control plane runs inside the cluster."""
+    """The client configuration and whether the control plane runs inside the cluster.
+
+    Raises SettingsError when no credentials are found.
+    """
     configuration = k8s.Configuration()
     try:
         if not kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST"):
             k8s_config.load_incluster_config(client_configuration=configuration)
-            return configuration, True
-        k8s_config.load_kube_config(
-            config_file=kubeconfig or None, client_configuration=configuration
-        )
+            in_cluster = True
+        else:
+            k8s_config.load_kube_config(
+                config_file=kubeconfig or None, client_configuration=configuration
+            )
+            in_cluster = False
     except (k8s_config.ConfigException, OSError, ValueError) as exc:
         raise SettingsError(
             "provision mode needs cluster credentials: none found in the pod "
             f"(in-cluster) nor in the kubeconfig {kubeconfig or '~/.kube/config'} ({exc}); "
             "set provision_mode.kubeconfig or run inside the cluster"
         ) from exc
-    return configuration, False
+    # One connection per pool thread, so none is opened and thrown away per call.
+    configuration.connection_pool_maxsize = API_THREADS
+    return configuration, in_cluster
+
+
+@dataclass(frozen=True)
+class _Watched:
+    """One kind of object the driver watches, with the query that selects ours."""
+
+    resource: str
+    path: str
+    query: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class _Observation:
+    statefulset: Obj
+    pod: Obj | None
+    observed: Observed
 
 
 class StatefulSetDriver(Driver):
@@ -127,21 +192,56 @@ class StatefulSetDriver(Driver):
         self._apps = k8s.AppsV1Api(self._api_client)
         self._core = k8s.CoreV1Api(self._api_client)
         self._pool = ThreadPoolExecutor(API_THREADS, thread_name_prefix="kube-api")
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._http: aiohttp.ClientSession | None = None
         self._ssl = _ssl_context(configuration)
-        self._refresher: asyncio.Task[None] | None = None
-        self._known: set[str] = set()
+        self._http: aiohttp.ClientSession | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        # Bumped by every create and delete, so a refresh that read the cluster before
+        # the write does not publish what it read over the write's result.
+        self._epochs: dict[str, int] = {}
+        self._dirty: set[str] = set()
+        self._dirty_changed = asyncio.Event()
+        self._warnings: dict[str, Obj] = {}
+        self._warnings_synced = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        # Open pod log responses: closing the session does not end them, close() does.
+        self._log_streams: set[aiohttp.ClientResponse] = set()
+        base = f"/namespaces/{self._namespace}"
+        agents = {"labelSelector": objects.selector_all()}
+        self._statefulsets = _Watched("statefulsets", f"/apis/apps/v1{base}/statefulsets", agents)
+        self._pods = _Watched("pods", f"/api/v1{base}/pods", agents)
+        self._events = _Watched(
+            "events", f"/api/v1{base}/events", {"fieldSelector": "type=Warning"}
+        )
 
     # --- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
+        """Read every agent, then keep the StateBoard current from watches.
+
+        Never fails for the cluster's sake: an API server that cannot be read
+        yet is logged and retried in the background.
+        """
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             connector=aiohttp.TCPConnector(limit=0),
         )
-        await self._refresh()
-        self._refresher = asyncio.create_task(self._refresh_loop(), name="statefulset-refresh")
+        versions: dict[str, str] = {}
+        try:
+            versions = await self._refresh()
+        except AgentApiError as exc:
+            logger.warning("cannot read the agents from the cluster yet: %s", exc.message)
+        self._tasks = [
+            asyncio.create_task(
+                self._watch_loop(self._statefulsets, versions.get("statefulsets", "")),
+                name="watch-statefulsets",
+            ),
+            asyncio.create_task(
+                self._watch_loop(self._pods, versions.get("pods", "")), name="watch-pods"
+            ),
+            asyncio.create_task(self._watch_loop(self._events, ""), name="watch-events"),
+            asyncio.create_task(self._refresh_loop(), name="refresh-agents"),
+        ]
         logger.info(
             "provision mode: namespace %s, %s",
             self._namespace,
@@ -149,138 +249,119 @@ class StatefulSetDriver(Driver):
         )
 
     async def close(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+        """Stop the watches; calls still running end (open log streams with UNAVAILABLE),
+        new ones answer UNAVAILABLE."""
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for response in list(self._log_streams):
+            response.close()
         if self._http is not None:
             await self._http.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # Calls already on the pool finish (bounded by their request timeout).
+        self._pool.shutdown(wait=False)
         self._api_client.close()
 
     # --- operations ----------------------------------------------------------
 
     async def create(self, spec: AgentSpec) -> tuple[AgentInfo, bool]:
+        # Builds and validates everything (K01: name lengths) before the first API call.
         built = objects.build_objects(self._settings, spec, command=self._command(spec))
         agent_id = spec.agent_id
         async with self._lock(agent_id):
-            existing = await self._read(
-                self._apps.read_namespaced_stateful_set, objects.statefulset_name(agent_id)
-            )
-            if existing is not None:
-                if _spec_hash(existing) != objects.spec_hash(spec):
-                    raise AlreadyExists(
-                        f"agent {agent_id!r} already exists with a different spec; "
-                        "delete it first or choose another id"
-                    )
-                return await self.get(agent_id), False
-
-            claim = await self._read(
-                self._core.read_namespaced_persistent_volume_claim, objects.pvc_name(agent_id)
-            )
-            if claim is not None and claim["metadata"].get("deletionTimestamp"):
-                raise Unavailable(
-                    f"the volume {objects.pvc_name(agent_id)} of a deleted agent with id "
-                    f"{agent_id!r} is still being deleted; retry in a few seconds",
-                    reason="VolumeTerminating",
-                    retry_after=5,
-                )
-
-            made: list[tuple[Callable[..., Any], str]] = []
+            self._bump(agent_id)
             try:
-                for create, delete, body in (
-                    (
-                        self._core.create_namespaced_config_map,
-                        self._core.delete_namespaced_config_map,
-                        built.configmap,
-                    ),
-                    (
-                        self._core.create_namespaced_service,
-                        self._core.delete_namespaced_service,
-                        built.service,
-                    ),
-                    (
-                        self._apps.create_namespaced_stateful_set,
-                        self._apps.delete_namespaced_stateful_set,
-                        built.statefulset,
-                    ),
-                ):
-                    await self._create_or_take_over(create, delete, dict(body))
-                    made.append((delete, str(body["metadata"]["name"])))
-            except BaseException:
-                for delete, name in reversed(made):
-                    with contextlib.suppress(AgentApiError):
-                        await self._delete(delete, name)
-                raise
+                existing = await self._read(
+                    self._apps.read_namespaced_stateful_set, objects.statefulset_name(agent_id)
+                )
+                if existing is not None:
+                    return await self._same_agent(existing, spec), False
+                await self._check_leftovers(agent_id)
 
-            for_agent(logger, agent_id).info(
-                "StatefulSet %s created", objects.statefulset_name(agent_id)
-            )
-            self._known.add(agent_id)
-            info = await self.get(agent_id)
-            self._board.publish(info)
-            return info, True
+                # TODO: give the ConfigMap and Service an owner reference to the StatefulSet
+                # (a PATCH after it exists; needs patch on both in the Role), so that a
+                # delete interrupted half-way leaves nothing; today the next create of the
+                # id takes them over.
+                made: list[tuple[Callable[..., Any], str, str]] = []
+                try:
+                    for body, create, read, delete in (
+                        (
+                            built.configmap,
+                            self._core.create_namespaced_config_map,
+                            self._core.read_namespaced_config_map,
+                            self._core.delete_namespaced_config_map,
+                        ),
+                        (
+                            built.service,
+                            self._core.create_namespaced_service,
+                            self._core.read_namespaced_service,
+                            self._core.delete_namespaced_service,
+                        ),
+                    ):
+                        uid = await self._create_or_take_over(
+                            body, spec, create=create, read=read, delete=delete
+                        )
+                        if uid:
+                            made.append((delete, str(body["metadata"]["name"]), uid))
+                    winner = await self._create_statefulset(built.statefulset)
+                    if winner is not None:
+                        # Another replica created the same agent a moment ago.
+                        return await self._same_agent(winner, spec), False
+                except BaseException:
+                    await self._undo(agent_id, made)
+                    raise
+
+                for_agent(logger, agent_id).info(
+                    "StatefulSet %s created", objects.statefulset_name(agent_id)
+                )
+                info = await self.get(agent_id)
+                self._board.publish(info)
+                return info, True
+            finally:
+                self._bump(agent_id)
 
     async def get(self, agent_id: str) -> AgentInfo:
-        statefulset = await self._read(
-            self._apps.read_namespaced_stateful_set, objects.statefulset_name(agent_id)
-        )
-        if statefulset is None or not _is_ours(statefulset):
-            raise NotFound(f"agent {agent_id!r} not found in namespace {self._namespace}")
-        pod, claim = await asyncio.gather(
-            self._read(self._core.read_namespaced_pod, objects.pod_name(agent_id)),
-            self._read(
-                self._core.read_namespaced_persistent_volume_claim, objects.pvc_name(agent_id)
-            ),
-        )
-        observed = observe(statefulset, pod, claim, claim_name=objects.pvc_name(agent_id))
-        if observed.state is not State.READY:
-            events = await self._events()
-            observed = observe(
-                statefulset,
-                pod,
-                claim,
-                _events_for(events, agent_id),
-                claim_name=objects.pvc_name(agent_id),
-            )
-        return self._info(statefulset, observed)
+        current = await self._observe(agent_id)
+        return self._info(current.statefulset, current.observed)
 
     async def list_agents(self, session_id: str | None = None) -> list[AgentInfo]:
         selector = (
             objects.selector_for_session(session_id) if session_id else objects.selector_all()
         )
-        return await self._list(selector)
+        infos, _ = await self._list(selector)
+        return infos
 
     async def delete(self, agent_id: str) -> AgentInfo:
         async with self._lock(agent_id):
-            last = await self.get(agent_id)
-            name = objects.statefulset_name(agent_id)
-            await self._delete(self._apps.delete_namespaced_stateful_set, name, missing_ok=True)
-            await self._delete(
-                self._core.delete_namespaced_service,
-                objects.service_name(agent_id),
-                missing_ok=True,
-            )
-            await self._delete(
-                self._core.delete_namespaced_config_map,
-                objects.configmap_name(agent_id),
-                missing_ok=True,
-            )
-            if self._settings.provision_mode.pvc_delete_policy == "delete":
+            self._bump(agent_id)
+            try:
+                current = await self._observe(agent_id)
+                statefulset = current.statefulset
+                last = self._info(statefulset, current.observed)
                 await self._delete(
-                    self._core.delete_namespaced_persistent_volume_claim,
-                    objects.pvc_name(agent_id),
-                    missing_ok=True,
+                    self._apps.delete_namespaced_stateful_set,
+                    objects.statefulset_name(agent_id),
+                    uid=str(statefulset["metadata"].get("uid") or ""),
                 )
-            self._known.discard(agent_id)
-            deleted = AgentInfo(
-                spec=last.spec,
-                mode=Mode.STATEFULSET,
-                state=State.DELETED,
-                create_time=last.create_time,
-            )
-            self._board.publish(deleted)
-            for_agent(logger, agent_id).info("deleted")
+                await self._delete(
+                    self._core.delete_namespaced_service, objects.service_name(agent_id)
+                )
+                await self._delete(
+                    self._core.delete_namespaced_config_map, objects.configmap_name(agent_id)
+                )
+                if self._deletes_claim(statefulset):
+                    # Also done by the garbage collector where the retention policy is
+                    # honoured; deleting it here covers API servers that drop the field.
+                    await self._delete(
+                        self._core.delete_namespaced_persistent_volume_claim,
+                        objects.pvc_name(agent_id),
+                    )
+                deleted = replace(last, state=State.DELETED, reason="", message="", ready_time=None)
+                self._board.publish(deleted)
+                for_agent(logger, agent_id).info("deleted")
+            finally:
+                self._bump(agent_id)
         self._locks.pop(agent_id, None)
         return deleted
 
@@ -291,67 +372,53 @@ class StatefulSetDriver(Driver):
             yield info
 
     async def logs(self, agent_id: str, options: LogOptions) -> AsyncIterator[bytes | StreamEnd]:
-        assert self._http is not None
-        await self.get(agent_id)
+        assert self._http is not None, "start() first"
         pod = objects.pod_name(agent_id)
         url = f"{self._configuration.host}/api/v1/namespaces/{self._namespace}/pods/{pod}/log"
-        params = _log_params(options)
-
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOG_WAIT_SECONDS
         while True:
-            response = await self._http.get(
-                url, params=params, headers=self._auth_headers(), ssl=self._ssl or True
-            )
+            await self._wait_for_container(agent_id, options, deadline=deadline)
+            self._check_open()
+            try:
+                response = await self._http.get(
+                    url,
+                    params=_log_params(options),
+                    headers=self._auth_headers(),
+                    ssl=self._ssl_argument(),
+                )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise self._unreachable(exc) from exc
             if response.status == 200:
-                return self._read_logs(agent_id, response, follow=options.follow)
+                return self._read_logs(agent_id, response, options)
+
             async with response:
                 message = _status_message(await response.text())
-            if response.status in {400, 404} and any(m in message for m in NOT_STARTED_MARKERS):
-                if options.previous:
-                    raise FailedPrecondition(
-                        f"agent {agent_id!r} has no previous run: {message}",
-                        reason="NoPreviousRun",
+            if response.status == 400 and "previous terminated container" in message:
+                raise FailedPrecondition(
+                    f"agent {agent_id!r} has no previous run: {message}", reason="NoPreviousRun"
+                )
+            # The container or pod changed between our look and the log request.
+            if response.status in {400, 404} and (
+                "waiting to start" in message or "not found" in message
+            ):
+                if loop.time() >= deadline:
+                    raise Unavailable(
+                        f"the log of agent {agent_id!r} cannot be read yet: {message}",
+                        reason="ContainerNotStarted",
+                        retry_after=5,
                     )
-                # K03: a follower waits for the container, unless it cannot start at all.
-                info = await self.get(agent_id)
-                if info.state is State.FAILED or not options.follow:
-                    raise FailedPrecondition(
-                        f"agent {agent_id!r} has no log yet: {info.reason or 'not started'}: "
-                        f"{info.message or message}",
-                        reason=info.reason,
-                    )
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(0.5)
                 continue
             raise _from_status(response.status, message)
 
-    async def _read_logs(
-        self, agent_id: str, response: aiohttp.ClientResponse, *, follow: bool
-    ) -> AsyncIterator[bytes | StreamEnd]:
-        async with response:
-            pending = b""
-            async for chunk in response.content.iter_chunked(LOG_CHUNK_BYTES):
-                pending += chunk
-                # Whole lines per message, unless one line outgrows a chunk.
-                cut = pending.rfind(b"\n") + 1
-                if cut == 0 and len(pending) < LOG_CHUNK_BYTES:
-                    continue
-                cut = cut or len(pending)
-                yield pending[:cut]
-                pending = pending[cut:]
-            if pending:
-                yield pending
-        if follow:
-            try:
-                await self.get(agent_id)
-            except NotFound:
-                yield StreamEnd("AgentDeleted", f"agent {agent_id!r} was deleted")
-                return
-            yield StreamEnd("ContainerEnded", f"the container of agent {agent_id!r} stopped")
-
     async def endpoint(self, agent_id: str) -> Endpoint:
-        info = await self.get(agent_id)
-        if info.state in {State.FAILED, State.STOPPING, State.PENDING}:
+        # The watches keep the board current; a read of the cluster only when it knows nothing.
+        info = self._board.get(agent_id) or await self.get(agent_id)
+        if info.state in {State.FAILED, State.STOPPING, State.PENDING, State.DELETED}:
             raise FailedPrecondition(
-                f"agent {agent_id!r} is {info.state.value}: {info.reason}: {info.message}",
+                f"agent {agent_id!r} is {info.state.value} and takes no traffic: "
+                f"{info.reason}: {info.message}",
                 reason=info.reason,
             )
         port = self._settings.provision_mode.container_port
@@ -370,6 +437,8 @@ class StatefulSetDriver(Driver):
             ssl=self._ssl,
         )
 
+    # --- creating and deleting -------------------------------------------------
+
     def _command(self, spec: AgentSpec) -> list[str] | None:
         template = self._settings.provision_mode.command
         if not template.strip():
@@ -387,9 +456,173 @@ class StatefulSetDriver(Driver):
                 "placeholders are {port}, {agent_id} and {session_id}"
             ) from exc
 
+    async def _same_agent(self, statefulset: Obj, spec: AgentSpec) -> AgentInfo:
+        """The existing agent when it was created with ``spec``; else AlreadyExists
+        (Unavailable while it is being deleted)."""
+        name = statefulset["metadata"]["name"]
+        if not _is_ours(statefulset):
+            raise AlreadyExists(
+                f"a StatefulSet {name} that agentapi-proxy does not manage exists in namespace "
+                f"{self._namespace}; remove it or choose another agent id"
+            )
+        if statefulset["metadata"].get("deletionTimestamp"):
+            raise Unavailable(
+                f"agent {spec.agent_id!r} is still being deleted; retry in a few seconds",
+                reason="AgentTerminating",
+                retry_after=LEFTOVER_RETRY_SECONDS,
+            )
+        if _spec_hash(statefulset) != objects.spec_hash(spec):
+            raise AlreadyExists(
+                f"agent {spec.agent_id!r} already exists with a different spec; "
+                "delete it first or choose another id"
+            )
+        return await self.get(spec.agent_id)
+
+    async def _check_leftovers(self, agent_id: str) -> None:
+        """Refuse to create while objects of a deleted agent with this id are still going (K02)."""
+        claim, pod = await asyncio.gather(
+            self._read(
+                self._core.read_namespaced_persistent_volume_claim, objects.pvc_name(agent_id)
+            ),
+            self._read(self._core.read_namespaced_pod, objects.pod_name(agent_id)),
+        )
+        if claim is not None and claim["metadata"].get("deletionTimestamp"):
+            raise Unavailable(
+                f"the volume claim {objects.pvc_name(agent_id)} of a deleted agent with id "
+                f"{agent_id!r} is still being deleted; retry in a few seconds",
+                reason="VolumeTerminating",
+                retry_after=LEFTOVER_RETRY_SECONDS,
+            )
+        if pod is not None and pod["metadata"].get("deletionTimestamp"):
+            raise Unavailable(
+                f"the pod {objects.pod_name(agent_id)} of a deleted agent with id {agent_id!r} "
+                "is still stopping; retry in a few seconds",
+                reason="OldPodTerminating",
+                retry_after=LEFTOVER_RETRY_SECONDS,
+            )
+        if pod is not None:
+            raise FailedPrecondition(
+                f"pod {objects.pod_name(agent_id)} exists without its StatefulSet (orphaned); "
+                f"delete it (kubectl delete pod -n {self._namespace} "
+                f"{objects.pod_name(agent_id)}) before creating agent {agent_id!r} again",
+                reason="OrphanedPod",
+            )
+        if claim is not None:
+            for_agent(logger, agent_id).info(
+                "reusing the retained volume claim %s", objects.pvc_name(agent_id)
+            )
+
+    async def _create_or_take_over(
+        self,
+        body: Mapping[str, Any],
+        spec: AgentSpec,
+        *,
+        create: Callable[..., Any],
+        read: Callable[..., Any],
+        delete: Callable[..., Any],
+    ) -> str:
+        """Create the object; returns its uid, or "" when an equal one of ours exists already.
+
+        One of ours with another spec is left by an interrupted create (there is
+        no StatefulSet) and is replaced; one that is not ours is AlreadyExists.
+        """
+        name = str(body["metadata"]["name"])
+        try:
+            return _uid(await self._create(create, body))
+        except AlreadyExists:
+            pass
+        found = await self._read(read, name)
+        if found is None:
+            return _uid(await self._create(create, body))
+        if not _is_ours(found):
+            raise AlreadyExists(
+                f"a {body['kind']} {name} that agentapi-proxy does not manage exists in "
+                f"namespace {self._namespace}; remove it or choose another agent id"
+            )
+        if _spec_hash(found) == objects.spec_hash(spec):
+            return ""
+        for_agent(logger, spec.agent_id).info(
+            "replacing %s %s left over by an interrupted create", body["kind"], name
+        )
+        await self._delete(delete, name, uid=_uid(found))
+        return _uid(await self._create(create, body))
+
+    async def _create_statefulset(self, body: Mapping[str, Any]) -> Obj | None:
+        """Create the StatefulSet; returns the existing one if another create won the race."""
+        try:
+            await self._create(self._apps.create_namespaced_stateful_set, body)
+        except AlreadyExists:
+            existing = await self._read(
+                self._apps.read_namespaced_stateful_set, str(body["metadata"]["name"])
+            )
+            if existing is None:
+                raise
+            return existing
+        return None
+
+    async def _create(self, create: Callable[..., Any], body: Mapping[str, Any]) -> Obj:
+        try:
+            return await self._call(create, self._namespace, dict(body))
+        except NotFound as exc:
+            raise FailedPrecondition(
+                f"cannot create {body['kind']} {body['metadata']['name']}: {exc.message} "
+                f"(does namespace {self._namespace}, provision_mode.namespace, exist?)",
+                reason="NamespaceNotFound",
+            ) from exc
+
+    async def _undo(
+        self, agent_id: str, made: Iterable[tuple[Callable[..., Any], str, str]]
+    ) -> None:
+        """Delete what a failed create made, newest first; failures are logged, not raised."""
+        for delete, name, uid in reversed(list(made)):
+            try:
+                await self._delete(delete, name, uid=uid)
+            except AgentApiError as exc:
+                for_agent(logger, agent_id).warning(
+                    "could not remove %s after a failed create: %s", name, exc.message
+                )
+
+    async def _delete(self, method: Callable[..., Any], name: str, *, uid: str = "") -> None:
+        """Delete ``name`` (only the object with ``uid`` when given); a missing one is fine."""
+        options: Obj = {"propagationPolicy": "Background"}
+        if uid:
+            options["preconditions"] = {"uid": uid}
+        try:
+            await self._call(method, name, self._namespace, body=options)
+        except NotFound:
+            pass
+        except AlreadyExists:
+            # 409 on delete: the uid precondition failed, the object is a newer one.
+            logger.info("%s was replaced meanwhile; leaving the new one", name)
+
+    def _deletes_claim(self, statefulset: Obj) -> bool:
+        policy = (statefulset.get("spec") or {}).get("persistentVolumeClaimRetentionPolicy")
+        if policy and policy.get("whenDeleted"):
+            return bool(policy["whenDeleted"] == "Delete")
+        return self._settings.provision_mode.pvc_delete_policy == "delete"
+
     # --- reading the cluster ----------------------------------------------------
 
-    async def _list(self, selector: str) -> list[AgentInfo]:
+    async def _observe(self, agent_id: str) -> _Observation:
+        """Read the agent's objects and derive its state. Raises NotFound."""
+        statefulset, pod, claim = await asyncio.gather(
+            self._read(self._apps.read_namespaced_stateful_set, objects.statefulset_name(agent_id)),
+            self._read(self._core.read_namespaced_pod, objects.pod_name(agent_id)),
+            self._read(
+                self._core.read_namespaced_persistent_volume_claim, objects.pvc_name(agent_id)
+            ),
+        )
+        if statefulset is None or not _is_ours(statefulset):
+            raise NotFound(f"agent {agent_id!r} not found in namespace {self._namespace}")
+        claim_name = objects.pvc_name(agent_id)
+        observed = observe(statefulset, pod, claim, claim_name=claim_name)
+        if observed.state is not State.READY:
+            events = await self._warning_events()
+            observed = observe(statefulset, pod, claim, events, claim_name=claim_name)
+        return _Observation(statefulset, pod, observed)
+
+    async def _list(self, selector: str) -> tuple[list[AgentInfo], dict[str, str]]:
+        """The agents matching ``selector``, and the lists' resourceVersions by resource."""
         statefulsets, pods, claims = await asyncio.gather(
             self._call(
                 self._apps.list_namespaced_stateful_set, self._namespace, label_selector=selector
@@ -401,73 +634,53 @@ class StatefulSetDriver(Driver):
                 label_selector=selector,
             ),
         )
-        pods_by_name = {p["metadata"]["name"]: p for p in pods.get("items", [])}
-        claims_by_name = {c["metadata"]["name"]: c for c in claims.get("items", [])}
-        found: list[tuple[Obj, Observed, str]] = []
-        for statefulset in statefulsets.get("items", []):
-            if not _is_ours(statefulset):
-                continue
-            agent_id = statefulset["metadata"]["labels"][objects.LABEL_AGENT_ID]
-            pod = pods_by_name.get(objects.pod_name(agent_id))
-            claim = claims_by_name.get(objects.pvc_name(agent_id))
-            found.append(
-                (
-                    statefulset,
-                    observe(statefulset, pod, claim, claim_name=objects.pvc_name(agent_id)),
-                    agent_id,
-                )
-            )
-        if any(observed.state is not State.READY for _, observed, _ in found):
-            events = await self._events()
-            found = [
+        pods_by_name = {p["metadata"]["name"]: p for p in pods.get("items") or []}
+        claims_by_name = {c["metadata"]["name"]: c for c in claims.get("items") or []}
+        found: list[tuple[Obj, str]] = [
+            (statefulset, statefulset["metadata"]["labels"][objects.LABEL_AGENT_ID])
+            for statefulset in statefulsets.get("items") or []
+            if _is_ours(statefulset)
+        ]
+
+        def observe_all(events: list[Obj]) -> list[tuple[Obj, Observed]]:
+            return [
                 (
                     statefulset,
                     observe(
                         statefulset,
                         pods_by_name.get(objects.pod_name(agent_id)),
                         claims_by_name.get(objects.pvc_name(agent_id)),
-                        _events_for(events, agent_id),
+                        events,
                         claim_name=objects.pvc_name(agent_id),
                     ),
-                    agent_id,
                 )
-                for statefulset, _, agent_id in found
+                for statefulset, agent_id in found
             ]
-        infos = [self._info(statefulset, observed) for statefulset, observed, _ in found]
-        return sorted(infos, key=lambda info: info.agent_id)
 
-    async def _events(self) -> list[Obj]:
-        result = await self._call(self._core.list_namespaced_event, self._namespace)
-        return list(result.get("items", []))
+        observed = observe_all([])
+        if any(o.state is not State.READY for _, o in observed):
+            observed = observe_all(await self._warning_events())
 
-    async def _refresh(self) -> None:
-        """Publish the state of every agent, and DELETED for those gone since last time."""
-        infos = await self._list(objects.selector_all())
-        current = {info.agent_id for info in infos}
-        for info in infos:
-            self._board.publish(info)
-        for gone in self._known - current:
-            last = self._board.get(gone)
-            if last is not None:
-                self._board.publish(
-                    AgentInfo(
-                        spec=last.spec,
-                        mode=Mode.STATEFULSET,
-                        state=State.DELETED,
-                        create_time=last.create_time,
-                    )
-                )
-        self._known = current
-
-    async def _refresh_loop(self) -> None:
-        # TODO: replace polling with pod and StatefulSet watches (the test double
-        # supports them); polling costs 3-4 list calls per second per replica.
-        while True:
-            await asyncio.sleep(REFRESH_SECONDS)
+        infos = []
+        for statefulset, state in observed:
             try:
-                await self._refresh()
-            except AgentApiError as exc:
-                logger.warning("cannot read agents from the cluster: %s", exc.message)
+                infos.append(self._info(statefulset, state))
+            except FailedPrecondition as exc:
+                # One hand-edited object must not hide every other agent.
+                logger.warning("skipping %s", exc.message)
+        versions = {
+            "statefulsets": _resource_version(statefulsets),
+            "pods": _resource_version(pods),
+        }
+        return sorted(infos, key=lambda info: info.agent_id), versions
+
+    async def _warning_events(self) -> list[Obj]:
+        if self._warnings_synced:
+            return list(self._warnings.values())
+        result = await self._call(
+            self._core.list_namespaced_event, self._namespace, field_selector="type=Warning"
+        )
+        return list(result.get("items") or [])
 
     def _info(self, statefulset: Obj, observed: Observed) -> AgentInfo:
         spec = objects.spec_from_annotations(statefulset)
@@ -489,30 +702,354 @@ class StatefulSetDriver(Driver):
             restart_count=observed.restart_count,
         )
 
+    # --- logs ------------------------------------------------------------------
+
+    async def _wait_for_container(
+        self, agent_id: str, options: LogOptions, *, deadline: float
+    ) -> None:
+        """Return once the container has a log to read (K03); raise when it will not soon.
+
+        Raises NotFound, FailedPrecondition naming the reason (failed, blocked
+        or not started and not following), or Unavailable after ``deadline``.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            current = await self._observe(agent_id)
+            pod, observed = current.pod, current.observed
+            started = pod is not None and container_has_run(pod)
+            if options.previous:
+                if pod is not None and has_previous_run(pod):
+                    return
+                raise FailedPrecondition(
+                    f"agent {agent_id!r} has no previous run: its container has not been restarted",
+                    reason="NoPreviousRun",
+                )
+            if started and observed.reason not in {"OldPodTerminating", "PodTerminating"}:
+                return
+            why = f"{observed.reason}: {observed.message}"
+            if (
+                not options.follow
+                or observed.state is State.FAILED
+                or observed.reason in PENDING_PROBLEMS
+            ):
+                raise FailedPrecondition(
+                    f"agent {agent_id!r} has no log yet, its container is not running ({why})",
+                    reason=observed.reason,
+                )
+            if loop.time() >= deadline:
+                raise Unavailable(
+                    f"agent {agent_id!r} has not started after {LOG_WAIT_SECONDS:g}s ({why}); "
+                    "retry later",
+                    reason=observed.reason,
+                    retry_after=5,
+                )
+            await self._next_change(
+                agent_id, within=min(LOG_RECHECK_SECONDS, deadline - loop.time())
+            )
+
+    async def _next_change(self, agent_id: str, *, within: float) -> None:
+        """Wait until the board shows a change of the agent, at most ``within`` seconds."""
+
+        async def second_state() -> bool:
+            changes = self._board.watch(agent_id)
+            try:
+                seen = 0
+                async for _ in changes:
+                    seen += 1
+                    if seen == 2:
+                        return True
+                return False
+            finally:
+                if isinstance(changes, AsyncGenerator):
+                    await changes.aclose()
+
+        try:
+            if await asyncio.wait_for(second_state(), max(within, 0.01)):
+                return
+        except TimeoutError:
+            return
+        except NotFound:
+            pass
+        # Not on the board (yet), or the board closed: a plain delay instead.
+        await asyncio.sleep(within)
+
+    async def _read_logs(
+        self, agent_id: str, response: aiohttp.ClientResponse, options: LogOptions
+    ) -> AsyncIterator[bytes | StreamEnd]:
+        sent = 0
+        self._log_streams.add(response)
+        try:
+            pending = b""
+            async for chunk in response.content.iter_chunked(LOG_CHUNK_BYTES):
+                pending += chunk
+                # Whole lines per message, unless one line outgrows a chunk.
+                cut = pending.rfind(b"\n") + 1
+                if cut == 0 and len(pending) < LOG_CHUNK_BYTES:
+                    continue
+                cut = cut or len(pending)
+                sent += cut
+                yield pending[:cut]
+                pending = pending[cut:]
+            if pending:
+                sent += len(pending)
+                yield pending
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._check_open()
+            raise Unavailable(
+                f"the log stream of agent {agent_id!r} broke off: {exc}; call StreamLogs "
+                "again to resume",
+                reason="LogStreamBroken",
+            ) from exc
+        finally:
+            # Closes the connection (a half-read follow stream is not reused).
+            self._log_streams.discard(response)
+            response.close()
+        if options.follow and not (options.limit_bytes and sent >= options.limit_bytes):
+            yield await self._why_log_ended(agent_id)
+
+    async def _why_log_ended(self, agent_id: str) -> StreamEnd:
+        # Shutting down: the caller sees UNAVAILABLE, not an end that looks final.
+        self._check_open()
+        try:
+            current = await self._observe(agent_id)
+        except NotFound:
+            return StreamEnd("AgentDeleted", f"agent {agent_id!r} was deleted")
+        except AgentApiError as exc:
+            return StreamEnd("LogStreamClosed", f"the log stream ended: {exc.message}")
+        stopped, exit_code = container_exit(current.pod)
+        if stopped:
+            return StreamEnd(
+                "ContainerExited",
+                f"the container of agent {agent_id!r} stopped (exit code {exit_code}); "
+                "call StreamLogs again to follow its next run",
+            )
+        # TODO: resume after the last line sent (sinceTime, timestamps stripped) once an
+        # API server we support is seen cutting long follows; until then the caller resumes.
+        return StreamEnd(
+            "LogStreamClosed",
+            "the API server closed the log stream; call StreamLogs again to resume",
+        )
+
+    # --- keeping the board current ----------------------------------------------
+
+    def _bump(self, agent_id: str) -> None:
+        self._epochs[agent_id] = self._epochs.get(agent_id, 0) + 1
+
+    def _mark(self, agent_id: str) -> None:
+        self._dirty.add(agent_id)
+        self._dirty_changed.set()
+
+    async def _refresh(self) -> dict[str, str]:
+        """Publish every agent, and DELETED for those gone; returns the lists' versions."""
+        epochs = dict(self._epochs)
+        infos, versions = await self._list(objects.selector_all())
+        unchanged = {a for a, epoch in epochs.items() if self._epochs.get(a) == epoch}
+        changed = set(self._epochs) - unchanged
+        current = {info.agent_id for info in infos}
+        for info in infos:
+            if info.agent_id not in changed:
+                self._board.publish(info)
+        for known in self._board.all():
+            if known.mode is Mode.STATEFULSET and known.agent_id not in current | changed:
+                self._publish_deleted(known)
+        return versions
+
+    async def _refresh_one(self, agent_id: str) -> None:
+        epoch = self._epochs.get(agent_id, 0)
+        try:
+            info: AgentInfo | None = await self.get(agent_id)
+        except NotFound:
+            info = None
+        if self._epochs.get(agent_id, 0) != epoch:
+            return
+        if info is not None:
+            self._board.publish(info)
+        elif (known := self._board.get(agent_id)) is not None:
+            self._publish_deleted(known)
+
+    def _publish_deleted(self, last: AgentInfo) -> None:
+        self._board.publish(
+            replace(last, state=State.DELETED, reason="", message="", ready_time=None)
+        )
+
+    async def _refresh_loop(self) -> None:
+        """Re-read the agents the watches marked as changed; everything now and then."""
+        while True:
+            try:
+                async with asyncio.timeout(RESYNC_SECONDS):
+                    await self._dirty_changed.wait()
+                everything = False
+            except TimeoutError:
+                everything = True
+            await asyncio.sleep(REFRESH_DEBOUNCE_SECONDS)
+            self._dirty_changed.clear()
+            dirty, self._dirty = sorted(self._dirty), set()
+            try:
+                if everything or len(dirty) > FULL_REFRESH_AT:
+                    await self._refresh()
+                    continue
+                results = await asyncio.gather(
+                    *(self._refresh_one(agent_id) for agent_id in dirty), return_exceptions=True
+                )
+            except AgentApiError as exc:
+                logger.warning("cannot read the agents from the cluster: %s", exc.message)
+                await asyncio.sleep(RETRY_MAX_SECONDS)
+                continue
+            except Exception:
+                # A bug must not end the updates for good; the next change retries.
+                logger.exception("refreshing the agents failed")
+                await asyncio.sleep(RETRY_MAX_SECONDS)
+                continue
+            retry = [a for a, result in zip(dirty, results, strict=True) if result is not None]
+            for agent_id, result in zip(dirty, results, strict=True):
+                if isinstance(result, AgentApiError):
+                    for_agent(logger, agent_id).warning("cannot read state: %s", result.message)
+                elif isinstance(result, asyncio.CancelledError):
+                    raise result
+                elif isinstance(result, BaseException):
+                    for_agent(logger, agent_id).error("reading state failed", exc_info=result)
+            if retry:
+                await asyncio.sleep(RETRY_MAX_SECONDS)
+                for agent_id in retry:
+                    self._mark(agent_id)
+
+    async def _watch_loop(self, watched: _Watched, version: str) -> None:
+        """Follow one kind of object forever: list, watch, resume, re-list after 410 Gone."""
+        delay = 0.5
+        while True:
+            try:
+                if not version:
+                    version = await self._relist(watched)
+                version = await self._watch_once(watched, version)
+                delay = 0.5
+                continue
+            except AgentApiError as exc:
+                logger.warning(
+                    "watching %s failed, retrying in %gs: %s", watched.resource, delay, exc.message
+                )
+            except Exception:
+                logger.exception("watching %s failed, retrying in %gs", watched.resource, delay)
+                version = ""
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    async def _relist(self, watched: _Watched) -> str:
+        if watched is not self._events:
+            versions = await self._refresh()
+            return versions[watched.resource]
+        result = await self._call(
+            self._core.list_namespaced_event, self._namespace, field_selector="type=Warning"
+        )
+        self._warnings.clear()
+        for event in result.get("items") or []:
+            self._on_warning("ADDED", event)
+        self._warnings_synced = True
+        return _resource_version(result)
+
+    async def _watch_once(self, watched: _Watched, version: str) -> str:
+        """One watch request; returns the version to resume from, "" when it expired (410)."""
+        assert self._http is not None
+        params = {
+            **watched.query,
+            "watch": "true",
+            "resourceVersion": version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(WATCH_SECONDS),
+        }
+        try:
+            async with self._http.get(
+                f"{self._configuration.host}{watched.path}",
+                params=params,
+                headers=self._auth_headers(),
+                ssl=self._ssl_argument(),
+                # Bookmarks arrive well within this; silence means a dead connection.
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=10, sock_read=WATCH_SECONDS + 30
+                ),
+            ) as response:
+                if response.status != 200:
+                    raise _from_status(
+                        response.status,
+                        _status_message(await response.text()),
+                        retry_after=response.headers.get("Retry-After", ""),
+                    )
+                async for line in _lines(response.content):
+                    event = json.loads(line)
+                    kind, obj = event.get("type"), event.get("object") or {}
+                    if kind == "ERROR":
+                        if obj.get("code") == 410:
+                            logger.info("watch of %s expired; listing again", watched.resource)
+                            return ""
+                        raise _from_status(int(obj.get("code") or 0), str(obj.get("message")))
+                    version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+                    if kind != "BOOKMARK":
+                        self._on_change(watched, str(kind), obj)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._unreachable(exc) from exc
+        except ValueError as exc:
+            raise Unavailable(
+                f"a watch of {watched.resource} sent a malformed event: {exc}"
+            ) from exc
+        return version
+
+    def _on_change(self, watched: _Watched, kind: str, obj: Obj) -> None:
+        if watched is self._events:
+            self._on_warning(kind, obj)
+            return
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        agent_id = labels.get(objects.LABEL_AGENT_ID)
+        if agent_id and labels.get(objects.LABEL_MANAGED_BY) == objects.MANAGER_NAME:
+            self._mark(str(agent_id))
+
+    def _on_warning(self, kind: str, event: Obj) -> None:
+        involved = event.get("involvedObject") or {}
+        agent_id = _agent_of(str(involved.get("kind")), str(involved.get("name")))
+        uid = str((event.get("metadata") or {}).get("uid") or "")
+        if agent_id is None or not uid:
+            return
+        if kind == "DELETED":
+            self._warnings.pop(uid, None)
+        else:
+            self._warnings[uid] = event
+            if len(self._warnings) > MAX_CACHED_WARNINGS:
+                oldest = min(
+                    self._warnings,
+                    key=lambda k: str(self._warnings[k].get("lastTimestamp") or ""),
+                )
+                del self._warnings[oldest]
+        self._mark(agent_id)
+
     # --- calling the API ---------------------------------------------------------
 
     def _lock(self, agent_id: str) -> asyncio.Lock:
         return self._locks.setdefault(agent_id, asyncio.Lock())
 
     async def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Obj:
-        """Run one client call on the pool; returns the answer as a JSON-shaped dict."""
+        """Run one client call on the pool; returns the answer's JSON. Raises the
+        project's errors (Unavailable when the API server cannot be reached)."""
+        self._check_open()
         loop = asyncio.get_running_loop()
+        call = functools.partial(_raw_body, method, *args, **kwargs)
         try:
-            result = await loop.run_in_executor(
-                self._pool, functools.partial(method, *args, _request_timeout=30, **kwargs)
-            )
+            data = await loop.run_in_executor(self._pool, call)
         except ApiException as exc:
             raise _from_status(
-                exc.status or 0, _status_message(exc.body or exc.reason or "")
+                exc.status or 0,
+                _status_message(exc.body or exc.reason or ""),
+                retry_after=(exc.headers or {}).get("Retry-After", ""),
             ) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._unreachable(exc) from exc
+        except OpenApiException as exc:
+            raise Internal(f"the Kubernetes client refused a request: {exc}") from exc
+        try:
+            parsed = json.loads(data) if data else {}
+        except ValueError as exc:
             raise Unavailable(
-                f"the Kubernetes API server at {self._configuration.host} is unreachable: {exc}",
-                reason="APIServerUnreachable",
-                retry_after=2,
+                f"the Kubernetes API server at {self._configuration.host} sent no JSON: {exc}",
+                reason="APIServerUnavailable",
             ) from exc
-        serialized: Obj = self._api_client.sanitize_for_serialization(result)
-        return serialized
+        return parsed if isinstance(parsed, dict) else {}
 
     async def _read(self, method: Callable[..., Any], name: str) -> Obj | None:
         try:
@@ -520,36 +1057,41 @@ class StatefulSetDriver(Driver):
         except NotFound:
             return None
 
-    async def _delete(
-        self, method: Callable[..., Any], name: str, *, missing_ok: bool = False
-    ) -> None:
-        try:
-            await self._call(method, name, self._namespace, propagation_policy="Background")
-        except NotFound:
-            if not missing_ok:
-                raise
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable("the control plane is shutting down; retry shortly")
 
-    async def _create_or_take_over(
-        self, create: Callable[..., Any], delete: Callable[..., Any], body: Mapping[str, Any]
-    ) -> None:
-        """Create the object; one of ours left by an interrupted create is replaced."""
-        try:
-            await self._call(create, self._namespace, body)
-        except AlreadyExists:
-            name = str(body["metadata"]["name"])
-            logger.info("replacing %s left over by an interrupted create", name)
-            await self._delete(delete, name, missing_ok=True)
-            await self._call(create, self._namespace, body)
+    def _unreachable(self, exc: BaseException) -> Unavailable:
+        return Unavailable(
+            f"the Kubernetes API server at {self._configuration.host} is unreachable: {exc}",
+            reason="APIServerUnreachable",
+            retry_after=2,
+        )
 
     def _auth_headers(self) -> dict[str, str]:
-        token = self._configuration.api_key.get("authorization") or self._configuration.api_key.get(
-            "BearerToken"
-        )
-        if not token:
-            return {}
-        prefix = self._configuration.api_key_prefix.get("authorization", "")
-        value = f"{prefix} {token}".strip() if prefix and not token.startswith(prefix) else token
-        return {"Authorization": value}
+        """The client's own credentials as headers (its hook refreshes expiring tokens)."""
+        settings: Mapping[str, Any] = self._configuration.auth_settings()
+        return {
+            str(auth["key"]): str(auth["value"])
+            for auth in settings.values()
+            if auth.get("in") == "header" and auth.get("value")
+        }
+
+    def _ssl_argument(self) -> ssl.SSLContext | bool:
+        return self._ssl if self._ssl is not None else True
+
+
+def _raw_body(method: Callable[..., Any], *args: Any, **kwargs: Any) -> bytes:
+    """Call the client and read the whole answer in the calling (pool) thread.
+
+    Reading here, not on the event loop, keeps a slow body off the loop and hands
+    the connection back to the client's pool before the thread takes the next call.
+    """
+    response = method(
+        *args, _preload_content=False, _request_timeout=REQUEST_TIMEOUT_SECONDS, **kwargs
+    )
+    data: bytes = response.data
+    return data
 
 
 def _log_params(options: LogOptions) -> dict[str, str]:
@@ -569,7 +1111,23 @@ def _log_params(options: LogOptions) -> dict[str, str]:
     return params
 
 
+async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """Newline-separated records of any length (a pod may be larger than a read buffer)."""
+    pending = b""
+    async for chunk in content.iter_any():
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            if line.strip():
+                yield line
+    if pending.strip():
+        yield pending
+
+
 def _ssl_context(configuration: k8s.Configuration) -> ssl.SSLContext | None:
+    """TLS for the aiohttp streams, from the same kubeconfig settings as the client's calls."""
+    # TODO: honour the kubeconfig's tls-server-name and proxy-url for streams too, once a
+    # supported cluster needs them (the client's own calls already do).
     if not configuration.host.startswith("https"):
         return None
     context = ssl.create_default_context(cafile=configuration.ssl_ca_cert or None)
@@ -582,7 +1140,7 @@ def _ssl_context(configuration: k8s.Configuration) -> ssl.SSLContext | None:
 
 
 def _is_ours(obj: Mapping[str, Any]) -> bool:
-    labels = obj.get("metadata", {}).get("labels") or {}
+    labels = (obj.get("metadata") or {}).get("labels") or {}
     return bool(
         labels.get(objects.LABEL_MANAGED_BY) == objects.MANAGER_NAME
         and labels.get(objects.LABEL_AGENT_ID)
@@ -591,39 +1149,50 @@ def _is_ours(obj: Mapping[str, Any]) -> bool:
 
 def _spec_hash(obj: Mapping[str, Any]) -> str:
     return str(
-        (obj.get("metadata", {}).get("annotations") or {}).get(objects.ANNOTATION_SPEC_HASH, "")
+        ((obj.get("metadata") or {}).get("annotations") or {}).get(objects.ANNOTATION_SPEC_HASH, "")
     )
 
 
-def _events_for(events: list[Obj], agent_id: str) -> list[Obj]:
-    names = {
-        objects.statefulset_name(agent_id),
-        objects.pod_name(agent_id),
-        objects.pvc_name(agent_id),
-    }
-    return [e for e in events if e.get("involvedObject", {}).get("name") in names]
+def _uid(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("uid") or "")
 
 
-def _status_message(body: str) -> str:
+def _resource_version(listed: Mapping[str, Any]) -> str:
+    return str((listed.get("metadata") or {}).get("resourceVersion") or "")
+
+
+def _agent_of(kind: str, name: str) -> str | None:
+    """The agent id an event's object belongs to, from the names the builders give."""
+    prefix = AGENT_NAME_PREFIX
+    if kind == "StatefulSet" and name.startswith(prefix):
+        return name[len(prefix) :]
+    if kind == "Pod" and name.startswith(prefix) and name.endswith("-0"):
+        return name[len(prefix) : -2]
+    claim_prefix = f"{objects.VOLUME_NAME}-{prefix}"
+    if kind == "PersistentVolumeClaim" and name.startswith(claim_prefix) and name.endswith("-0"):
+        return name[len(claim_prefix) : -2]
+    return None
+
+
+def _status_message(body: str | bytes) -> str:
+    text = body.decode(errors="replace") if isinstance(body, bytes) else body
     try:
-        data = json.loads(body)
+        data = json.loads(text)
     except ValueError:
-        return body.strip()[:500]
+        return text.strip()[:500]
     if isinstance(data, dict) and data.get("message"):
         return str(data["message"])
-    return body.strip()[:500]
+    return text.strip()[:500]
 
 
-def _rbac_hint(message: str) -> str:
-    return (
-        f"the control plane's service account lacks a permission: {message} "
-        "(grant it in the Role, see deploy/20-rbac.yaml)"
-    )
-
-
-def _from_status(status: int, message: str) -> AgentApiError:
+def _from_status(status: int, message: str, *, retry_after: str = "") -> AgentApiError:
+    """The project's error for an API server answer (the one place that maps them)."""
     if status == 403:
-        return PermissionDenied(_rbac_hint(message), reason="Forbidden")
+        return PermissionDenied(
+            f"the control plane's service account lacks a permission: {message} "
+            "(grant it in the Role, see deploy/20-rbac.yaml)",
+            reason="Forbidden",
+        )
     if status == 401:
         return PermissionDenied(
             f"the Kubernetes API server rejected the control plane's credentials: {message}",
@@ -634,11 +1203,17 @@ def _from_status(status: int, message: str) -> AgentApiError:
     if status == 409:
         return AlreadyExists(message)
     if status in {400, 422}:
-        return InvalidArgument(f"the Kubernetes API server refused the object: {message}")
+        # The caller's parts of the spec are checked before sending, so what the API
+        # server refuses comes from the settings (image, quantities, ...).
+        return FailedPrecondition(
+            f"the Kubernetes API server refused an object built from the settings: {message}",
+            reason="Invalid",
+        )
     if status == 429 or status >= 500 or status == 0:
+        delay = float(retry_after) if retry_after.isdigit() else 2.0
         return Unavailable(
             f"the Kubernetes API server is not available ({status}): {message}",
             reason="APIServerUnavailable",
-            retry_after=2,
+            retry_after=delay,
         )
     return Internal(f"unexpected answer {status} from the Kubernetes API server: {message}")
