@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv with the project installed (editable). Safe to run again.
-# Usage: source scripts/setup.sh [extra]   e.g. "test" for the test tools.
+# Usage: bash scripts/setup.sh [extra]   e.g. "test" for the test tools.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python3}"
