@@ -69,6 +69,7 @@ def test_route_table_is_exactly_the_protos_bindings() -> None:
         ("WatchAgent", "GET", "/agents/{agent_id}/watch", ""),
         ("StreamLogs", "GET", "/agents/{agent_id}/logs", ""),
         ("ProxyHTTP", "*", "/agents/{agent_id}/proxy/**", ""),
+        ("GrantAgentAccess", "POST", "/agents/{agent_id}:grantAccess", "*"),
     }
 
 

@@ -334,3 +334,28 @@ class TestIsolation:
                 assert not again.done()
                 for call in (*follows[1:], again):
                     call.cancel()
+
+
+class TestProxyStreamMisuse:
+    async def test_body_shorter_than_content_length_or_a_second_head_is_refused(
+        self, proxy: ProxyProcess, client: pb_grpc.AgentServiceStub
+    ) -> None:
+        """The agent must never be left waiting for bytes, or read a second request."""
+        await create_ready(client, "misuse")
+        head = pb.HTTPRequestHead(
+            agent_id="misuse",
+            method="POST",
+            path="/message",
+            headers=[pb.HTTPHeader(name="Content-Length", value="50")],
+        )
+        for follow_up in (
+            [pb.ProxyHTTPRequest(body=b'{"a": 1}', end_of_body=True)],
+            [pb.ProxyHTTPRequest(head=head)],
+        ):
+            call = client.ProxyHTTP()
+            await call.write(pb.ProxyHTTPRequest(head=head))
+            for message in follow_up:
+                await call.write(message)
+            await call.done_writing()
+            error = await expect_code(_drain(call), grpc.StatusCode.INVALID_ARGUMENT)
+            assert "Content-Length" in (error.details() or "") or "head" in (error.details() or "")

@@ -23,6 +23,7 @@ from aiohttp import web
 from google.protobuf.descriptor import ServiceDescriptor
 
 from agentapi_gateway.control_plane import ControlPlane
+from agentapi_gateway.direct import install_direct_path
 from agentapi_gateway.errors import (
     ErrorStatus,
     error_response,
@@ -57,6 +58,7 @@ def create_app(
     app[SETTINGS_KEY] = settings
     app.cleanup_ctx.append(_control_plane_context)
     app.on_shutdown.append(_cancel_streams)
+    install_direct_path(app, settings)
 
     bindings = service_bindings(service)
     add_rpc_routes(app.router, bindings, max_body_bytes=settings.max_json_body_bytes)

@@ -1,4 +1,4 @@
-"""The streaming proxy: one HTTP exchange with an agent over one ProxyHTTP stream.
+"""The streaming proxy: one HTTP exchange with an agent over one ProxyHTTP call.
 
 The request goes out as a head (method, raw path, raw query, end-to-end
 headers) and then body chunks of at most 64 KiB as they are read from the
@@ -6,6 +6,13 @@ client; the response comes back as a head and body chunks, each written
 to the client as it arrives, so SSE flows event by event and no body is
 ever held whole in memory. gRPC's message size limit never applies to a
 body, only to one chunk.
+
+Every gRPC message is a batch of its own at both ends, so small exchanges
+take shortcuts. A request without a body, or with a declared body of at most
+one chunk, is read first and sent as one message that also half-closes the
+call (a unary-stream invocation of the same method: the client's cardinality
+is not part of gRPC's wire format). A small complete response comes back as
+one message (``end_of_body``) and goes to the client in one write.
 
 Before the agent's head arrives a failure is answered with its mapped
 status (404 unknown agent, 503 agent or control plane unreachable). After
@@ -15,26 +22,31 @@ the body, so the client sees a truncated response rather than a clean end.
 The path after ``/agents/{agent_id}/proxy`` is forwarded exactly as the
 client sent it, still percent-encoded. Dot-segments are refused here and
 again by the control plane, which owns the final check.
+
+With ``gateway.traffic_path = "direct"`` the exchange goes to the agent
+without the control plane in between (:mod:`agentapi_gateway.direct`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Final, TypeAlias
+from typing import Any, TypeAlias
 from urllib.parse import unquote
 
 import grpc
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from agentapi_gateway.control_plane import next_message
+from agentapi_gateway.control_plane import ControlPlane, next_message
+from agentapi_gateway.direct import DIRECT_PATH_KEY
 from agentapi_gateway.errors import (
     ErrorStatus,
     error_response,
     status_from_project_error,
     status_from_rpc_error,
 )
+from agentapi_gateway.exchange import CHUNK_BYTES, AgentRequest, break_off
 from agentapi_gateway.handlers import STREAM_HEADERS, ControlPlaneLookup, Handler
 from agentapi_gateway.headers import (
     agent_request_headers,
@@ -47,9 +59,12 @@ from agentapi_proxy.v1 import agent_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
-CHUNK_BYTES: Final = 64 * 1024
+__all__ = ["CHUNK_BYTES", "agent_path", "agent_request", "proxy_handler"]
 
-ProxyCall: TypeAlias = "grpc.aio.StreamStreamCall[pb.ProxyHTTPRequest, pb.ProxyHTTPResponse]"
+ProxyCall: TypeAlias = (
+    "grpc.aio.StreamStreamCall[pb.ProxyHTTPRequest, pb.ProxyHTTPResponse]"
+    " | grpc.aio.UnaryStreamCall[pb.ProxyHTTPRequest, pb.ProxyHTTPResponse]"
+)
 
 
 def proxy_handler(binding: HttpBinding, *, control_plane: ControlPlaneLookup) -> Handler:
@@ -63,16 +78,37 @@ def proxy_handler(binding: HttpBinding, *, control_plane: ControlPlaneLookup) ->
         raise ValueError(f"{binding.path.template}: a proxy route must end in '**'")
     if not any(v.field_path == "agent_id" for v in binding.path.variables):
         raise ValueError(f"{binding.path.template}: a proxy route needs an {{agent_id}} variable")
+    whole_request = _WholeRequestCalls(
+        f"/{binding.method.containing_service.full_name}/{binding.method.name}"
+    )
 
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
-            head = request_head(request, binding, tail_index=tail_index)
+            outgoing = agent_request(request, binding, tail_index=tail_index)
             metadata = credential_metadata(request.headers.items())
+            body = await body_in_hand(request)
         except AgentApiError as exc:
             return error_response(status_from_project_error(exc))
 
         plane = control_plane(request)
-        call: ProxyCall = plane.rpc(binding.rpc_name)(metadata=metadata, wait_for_ready=False)
+        direct = request.config_dict.get(DIRECT_PATH_KEY)
+        if direct is not None:
+            response = await direct.forward(
+                request, outgoing, body=body, metadata=metadata, plane=plane
+            )
+            if response is not None:
+                return response
+
+        head = outgoing.head()
+        if body is not None:
+            message = pb.ProxyHTTPRequest(head=head, body=body, end_of_body=True)
+            call: ProxyCall = whole_request.on(plane)(
+                message, metadata=metadata, wait_for_ready=False
+            )
+            with plane.streaming(call):
+                return await _relay_response(request, call, agent_id=head.agent_id)
+
+        call = plane.rpc(binding.rpc_name)(metadata=metadata, wait_for_ready=False)
         with plane.streaming(call):
             sender = asyncio.create_task(_send_request(call, head, request))
             try:
@@ -88,22 +124,40 @@ def proxy_handler(binding: HttpBinding, *, control_plane: ControlPlaneLookup) ->
     return handle
 
 
-def request_head(
-    request: web.Request, binding: HttpBinding, *, tail_index: int
-) -> pb.HTTPRequestHead:
-    """The ProxyHTTP request head for ``request``; raises InvalidArgument."""
+class _WholeRequestCalls:
+    """The proxy method invoked as unary-stream: head, body and half-close in one batch."""
+
+    def __init__(self, method: str) -> None:
+        self._method = method
+        self._channel: grpc.aio.Channel | None = None
+        self._callable: Any = None
+
+    def on(self, plane: ControlPlane) -> Any:
+        """The multi-callable on ``plane``'s channel (made once per channel)."""
+        if self._channel is not plane.channel:
+            self._callable = plane.channel.unary_stream(
+                self._method,
+                request_serializer=pb.ProxyHTTPRequest.SerializeToString,
+                response_deserializer=pb.ProxyHTTPResponse.FromString,
+                # As the generated stubs do: core resolves the method once, not per call.
+                # grpc-stubs 1.53 does not know the argument yet.
+                _registered_method=True,  # type: ignore[call-arg]
+            )
+            self._channel = plane.channel
+        return self._callable
+
+
+def agent_request(request: web.Request, binding: HttpBinding, *, tail_index: int) -> AgentRequest:
+    """What the agent is to receive for ``request``; raises InvalidArgument."""
     agent_id = binding.path.field_values(dict(request.match_info)).get("agent_id", "")
-    return pb.HTTPRequestHead(
+    return AgentRequest(
         agent_id=agent_id,
         method=request.method,
         path=agent_path(request.raw_path, tail_index=tail_index),
         query=request.rel_url.raw_query_string,
-        headers=[
-            pb.HTTPHeader(name=name, value=value)
-            for name, value in agent_request_headers(
-                request.headers.items(), client_address=request.remote, scheme=request.scheme
-            )
-        ],
+        headers=agent_request_headers(
+            request.headers.items(), client_address=request.remote, scheme=request.scheme
+        ),
     )
 
 
@@ -119,7 +173,7 @@ def agent_path(raw_target: str, *, tail_index: int) -> str:
     raw_path = raw_target.split("?", 1)[0].split("#", 1)[0]
     segments = raw_path[1:].split("/")[tail_index:]
     for segment in segments:
-        decoded = unquote(unquote(segment))
+        decoded = unquote(unquote(segment)) if "%" in segment else segment
         if decoded in {".", ".."}:
             raise InvalidArgument(f"the proxied path {raw_path[:200]!r} has a dot-segment")
         if "\\" in segment:
@@ -129,8 +183,26 @@ def agent_path(raw_target: str, *, tail_index: int) -> str:
     return "/" + "/".join(segments)
 
 
+async def body_in_hand(request: web.Request) -> bytes | None:
+    """The whole request body when there is none or it declares at most CHUNK_BYTES.
+
+    None when the body must stream (chunked, or larger). Raises
+    InvalidArgument when the client breaks off while sending it.
+    """
+    if not request.body_exists:
+        return b""
+    length = request.content_length
+    if length is None or length > CHUNK_BYTES:
+        return None
+    try:
+        return await request.read()
+    except (OSError, HttpProcessingError) as exc:
+        raise InvalidArgument(f"the request body broke off: {exc}") from exc
+
+
 async def _send_request(call: ProxyCall, head: pb.HTTPRequestHead, request: web.Request) -> None:
     """Write the head, the body in chunks as the client sends it, then end the request side."""
+    assert isinstance(call, grpc.aio.StreamStreamCall)
     try:
         await call.write(pb.ProxyHTTPRequest(head=head))
         async for chunk in request.content.iter_chunked(CHUNK_BYTES):
@@ -152,7 +224,7 @@ async def _relay_response(
         first = await next_message(call)
     except grpc.aio.AioRpcError as exc:
         return error_response(status_from_rpc_error(exc))
-    if first is None or first.WhichOneof("frame") != "head":
+    if first is None or not first.HasField("head"):
         return error_response(
             ErrorStatus(grpc.StatusCode.INTERNAL, "the control plane sent no response head")
         )
@@ -166,17 +238,33 @@ async def _relay_response(
 
     headers = client_response_headers((h.name, h.value) for h in head.headers)
     headers.setdefault("X-Accel-Buffering", STREAM_HEADERS["X-Accel-Buffering"])
+    if first.end_of_body:
+        # The whole response is here: status line, headers and body in one write.
+        whole = web.Response(status=head.status, headers=headers, body=first.body)
+        try:
+            await whole.prepare(request)
+            await whole.write_eof()
+        except ConnectionError:
+            logger.debug("agent %s: client left before the response", agent_id)
+        await _finish(call, agent_id=agent_id)
+        return whole
+
     response = web.StreamResponse(status=head.status, headers=headers)
     try:
         await response.prepare(request)
+        if first.body:
+            await response.write(first.body)
         while (message := await next_message(call)) is not None:
-            if message.WhichOneof("frame") != "body":
+            if message.HasField("head"):
                 logger.warning("agent %s: control plane sent a second response head", agent_id)
-                _break_off(request)
+                break_off(request)
                 return response
             if message.body:
                 await response.write(message.body)
+            if message.end_of_body:
+                break
         await response.write_eof()
+        await _finish(call, agent_id=agent_id)
     except grpc.aio.AioRpcError as exc:
         logger.info(
             "agent %s: response broken off after its head: %s %s",
@@ -184,13 +272,17 @@ async def _relay_response(
             exc.code().name,
             exc.details(),
         )
-        _break_off(request)
+        break_off(request)
     except ConnectionError:
         logger.debug("agent %s: client left during the response", agent_id)
     return response
 
 
-def _break_off(request: web.Request) -> None:
-    """Close the client connection mid-body: the only way left to say "this failed"."""
-    if request.transport is not None:
-        request.transport.close()
+async def _finish(call: ProxyCall, *, agent_id: str) -> None:
+    """Wait for the call's status after the last body byte, so it ends instead of being cancelled.
+
+    The response is complete by then; a failing status is only logged.
+    """
+    code = await call.code()
+    if code is not grpc.StatusCode.OK:
+        logger.info("agent %s: the call ended with %s after the whole body", agent_id, code.name)

@@ -46,6 +46,9 @@ Response = TypeVar("Response")
 
 DEFAULT_WAIT = timedelta(seconds=60)
 MAX_WAIT = timedelta(seconds=600)
+# The longest a gateway may act on one GrantAgentAccess answer: how soon a deleted
+# agent or a revoked key is noticed on the direct path at the latest.
+GRANT_LIFETIME = timedelta(seconds=10)
 MAX_ENV_ENTRIES = 128
 MAX_ENV_VALUE_BYTES = 32 * 1024
 # Labels travel in every Agent message: a few hundred agents must fit in one ListAgents.
@@ -98,7 +101,8 @@ async def _served(
         code = _code_of(exc)
         raise
     finally:
-        if code != "OK":
+        # A caller hanging up (CANCELLED) is how streams normally end, not an error.
+        if code not in {"OK", "CANCELLED"}:
             metrics.RPC_ERRORS.labels(method, code).inc()
         metrics.RPC_LATENCY.labels(method, code).observe(time.perf_counter() - started)
 
@@ -377,3 +381,18 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
         async for message in self._relay.relay(request_iterator, authorize=authorize):
             yield message
+
+    @_unary
+    async def GrantAgentAccess(
+        self, request: pb.GrantAgentAccessRequest, context: Context
+    ) -> pb.GrantAgentAccessResponse:
+        agent_id = (await self._visible(request.agent_id, Permission.ACCESS)).agent_id
+        endpoint = await self._driver.endpoint(agent_id)
+        response = pb.GrantAgentAccessResponse()
+        response.expire_time.FromDatetime(datetime.now(UTC) + GRANT_LIFETIME)
+        # Headers (the API server's bearer token) and TLS settings are the control
+        # plane's own credentials: such an agent is reached through ProxyHTTP only.
+        if not endpoint.headers and endpoint.ssl is None:
+            response.base_url = endpoint.base_url
+            response.host = endpoint.host
+        return response

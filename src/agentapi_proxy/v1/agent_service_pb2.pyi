@@ -228,12 +228,14 @@ class StreamEnd(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ProxyHTTPRequest(_message.Message):
-    __slots__ = ("head", "body")
+    __slots__ = ("head", "body", "end_of_body")
     HEAD_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
+    END_OF_BODY_FIELD_NUMBER: _ClassVar[int]
     head: HTTPRequestHead
     body: bytes
-    def __init__(self, head: _Optional[_Union[HTTPRequestHead, _Mapping]] = ..., body: _Optional[bytes] = ...) -> None: ...
+    end_of_body: bool
+    def __init__(self, head: _Optional[_Union[HTTPRequestHead, _Mapping]] = ..., body: _Optional[bytes] = ..., end_of_body: _Optional[bool] = ...) -> None: ...
 
 class HTTPRequestHead(_message.Message):
     __slots__ = ("agent_id", "method", "path", "query", "headers")
@@ -258,12 +260,14 @@ class HTTPHeader(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class ProxyHTTPResponse(_message.Message):
-    __slots__ = ("head", "body")
+    __slots__ = ("head", "body", "end_of_body")
     HEAD_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
+    END_OF_BODY_FIELD_NUMBER: _ClassVar[int]
     head: HTTPResponseHead
     body: bytes
-    def __init__(self, head: _Optional[_Union[HTTPResponseHead, _Mapping]] = ..., body: _Optional[bytes] = ...) -> None: ...
+    end_of_body: bool
+    def __init__(self, head: _Optional[_Union[HTTPResponseHead, _Mapping]] = ..., body: _Optional[bytes] = ..., end_of_body: _Optional[bool] = ...) -> None: ...
 
 class HTTPResponseHead(_message.Message):
     __slots__ = ("status", "headers")
@@ -272,3 +276,19 @@ class HTTPResponseHead(_message.Message):
     status: int
     headers: _containers.RepeatedCompositeFieldContainer[HTTPHeader]
     def __init__(self, status: _Optional[int] = ..., headers: _Optional[_Iterable[_Union[HTTPHeader, _Mapping]]] = ...) -> None: ...
+
+class GrantAgentAccessRequest(_message.Message):
+    __slots__ = ("agent_id",)
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    def __init__(self, agent_id: _Optional[str] = ...) -> None: ...
+
+class GrantAgentAccessResponse(_message.Message):
+    __slots__ = ("base_url", "host", "expire_time")
+    BASE_URL_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    base_url: str
+    host: str
+    expire_time: _timestamp_pb2.Timestamp
+    def __init__(self, base_url: _Optional[str] = ..., host: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -80,6 +80,11 @@ class AgentServiceStub:
                 request_serializer=agentapi__proxy_dot_v1_dot_agent__service__pb2.ProxyHTTPRequest.SerializeToString,
                 response_deserializer=agentapi__proxy_dot_v1_dot_agent__service__pb2.ProxyHTTPResponse.FromString,
                 _registered_method=True)
+        self.GrantAgentAccess = channel.unary_unary(
+                '/agentapi_proxy.v1.AgentService/GrantAgentAccess',
+                request_serializer=agentapi__proxy_dot_v1_dot_agent__service__pb2.GrantAgentAccessRequest.SerializeToString,
+                response_deserializer=agentapi__proxy_dot_v1_dot_agent__service__pb2.GrantAgentAccessResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -147,10 +152,26 @@ class AgentServiceServicer:
 
     def ProxyHTTP(self, request_iterator, context):
         """Carries one HTTP exchange to the agent's own server. The first request
-        message is the head, then body chunks; the first response message is the
-        head, then body chunks as the agent sends them (so SSE flows event by
-        event). The REST binding is served by the gateway's streaming proxy, not
-        by JSON transcoding.
+        message holds the head, then come body chunks; the first response message
+        holds the head, then come body chunks as the agent sends them (so SSE
+        flows event by event). A body that is whole at hand may share the head's
+        message, marked end_of_body, which saves a message each way for small
+        exchanges. The REST binding is served by the gateway's streaming proxy,
+        not by JSON transcoding.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GrantAgentAccess(self, request, context):
+        """Tells a gateway that can reach agents itself where to send an agent's
+        HTTP traffic, and until when it may do so without asking again: the
+        "direct path" instead of ProxyHTTP. Makes the checks of ProxyHTTP:
+        NOT_FOUND for an agent the caller may not see, FAILED_PRECONDITION for
+        one that cannot take traffic. An agent reached only with the control
+        plane's own credentials (the Kubernetes API server's pod proxy) gets an
+        empty base_url: its traffic keeps going through ProxyHTTP. The gateway
+        applies the header and path rules of ProxyHTTP itself.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -198,6 +219,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ProxyHTTP,
                     request_deserializer=agentapi__proxy_dot_v1_dot_agent__service__pb2.ProxyHTTPRequest.FromString,
                     response_serializer=agentapi__proxy_dot_v1_dot_agent__service__pb2.ProxyHTTPResponse.SerializeToString,
+            ),
+            'GrantAgentAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantAgentAccess,
+                    request_deserializer=agentapi__proxy_dot_v1_dot_agent__service__pb2.GrantAgentAccessRequest.FromString,
+                    response_serializer=agentapi__proxy_dot_v1_dot_agent__service__pb2.GrantAgentAccessResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -422,6 +448,33 @@ class AgentService:
             '/agentapi_proxy.v1.AgentService/ProxyHTTP',
             agentapi__proxy_dot_v1_dot_agent__service__pb2.ProxyHTTPRequest.SerializeToString,
             agentapi__proxy_dot_v1_dot_agent__service__pb2.ProxyHTTPResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantAgentAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentapi_proxy.v1.AgentService/GrantAgentAccess',
+            agentapi__proxy_dot_v1_dot_agent__service__pb2.GrantAgentAccessRequest.SerializeToString,
+            agentapi__proxy_dot_v1_dot_agent__service__pb2.GrantAgentAccessResponse.FromString,
             options,
             channel_credentials,
             insecure,
