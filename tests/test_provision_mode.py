@@ -895,6 +895,31 @@ async def test_provision_mode_refuses_to_start_while_legacy_agents_exist(
         assert own_kube.requests() == []
 
 
+async def test_legacy_mode_refuses_to_start_while_provision_agents_exist(
+    tmp_path: Path, own_kube: KubeDouble
+) -> None:
+    with running_proxy(
+        tmp_path / "provision", env=provision_env(own_kube), command="control-plane"
+    ) as provision:
+        channel, agents = stub(provision.grpc_target)
+        try:
+            await agents.CreateAgent(pb.CreateAgentRequest(session_id="s1", agent_id="kube1"))
+        finally:
+            await channel.close()
+
+    # Switched back without deleting: the kubeconfig is still configured.
+    env = provision_env(own_kube, AGENTAPI_PROVISION_MODE_ENABLED="false")
+    switched = ProxyProcess(tmp_path / "legacy", env=env, command="control-plane")
+    try:
+        with pytest.raises(RuntimeError) as refused:
+            switched.start()
+        assert switched.proc is not None and switched.proc.wait(30) == 2
+    finally:
+        if switched.proc is not None and switched.proc.poll() is None:
+            switched.stop()
+    assert "kube1" in str(refused.value) and "DeleteAgent" in str(refused.value)
+
+
 # --- watches (the driver in this process, to shorten its watch timeout) ---------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -85,7 +86,22 @@ class ControlPlane:
         self._metrics_runner: web.AppRunner | None = None
 
     async def start(self) -> int:
-        """Recover existing agents, then listen. Returns the bound port."""
+        """Recover existing agents, then listen. Returns the bound port.
+
+        Raises SettingsError when agents of the other mode would be orphaned.
+        """
+        if not self.settings.provision_mode.enabled:
+            from agentapi_proxy.drivers.statefulset import statefulset_agents_left
+
+            left = await asyncio.to_thread(statefulset_agents_left, self.settings)
+            if left:
+                namespace = self.settings.provision_mode.namespace
+                raise SettingsError(
+                    "legacy mode is configured, but provision-mode agents still exist in "
+                    f"namespace {namespace}: {', '.join(left)}. Delete them first (start "
+                    "with AGENTAPI_PROVISION_MODE_ENABLED=true and call DeleteAgent for each), "
+                    "then switch modes"
+                )
         await self.driver.start()
         await self.relay.start()
         pb_grpc.add_AgentServiceServicer_to_server(self.service, self.server)  # type: ignore[no-untyped-call]

@@ -156,6 +156,31 @@ def load_kube_configuration(kubeconfig: str) -> tuple[k8s.Configuration, bool]:
     return configuration, in_cluster
 
 
+def statefulset_agents_left(settings: Settings) -> list[str] | None:
+    """Ids of provision-mode agents in the configured namespace; None when unknown.
+
+    For a legacy-mode start: blocking, a few seconds at most. Only asked when
+    cluster credentials are configured (``provision_mode.kubeconfig``, or inside
+    a cluster); an unreachable cluster is reported as None, not as an error.
+    """
+    provision = settings.provision_mode
+    if not provision.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return None
+    try:
+        configuration, _ = load_kube_configuration(provision.kubeconfig)
+        with k8s.ApiClient(configuration) as api:
+            found = k8s.AppsV1Api(api).list_namespaced_stateful_set(
+                provision.namespace, label_selector=objects.selector_all(), _request_timeout=5
+            )
+    except (SettingsError, ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+        logger.warning("could not check the cluster for provision-mode agents: %s", exc)
+        return None
+    names = [item.metadata for item in found.items if item.metadata is not None]
+    return sorted(
+        str((meta.labels or {}).get(objects.LABEL_AGENT_ID) or meta.name) for meta in names
+    )
+
+
 @dataclass(frozen=True)
 class _Watched:
     """One kind of object the driver watches, with the query that selects ours."""
