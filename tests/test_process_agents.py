@@ -139,6 +139,12 @@ class TestBadInput:
             pb.CreateAgentRequest(session_id="bad session", agent_id="x"),
             pb.CreateAgentRequest(session_id="s", agent_id="x", env={"1BAD": "v"}),
             pb.CreateAgentRequest(session_id="s", agent_id="x", labels={"bad key!": "v"}),
+            pb.CreateAgentRequest(
+                session_id="s", agent_id="x", labels={f"k{i}": "v" for i in range(33)}
+            ),
+            pb.CreateAgentRequest(
+                session_id="s", agent_id="x", env={f"V{i}": "x" * 30_000 for i in range(3)}
+            ),
         ],
     )
     async def test_bad_create_fields(
