@@ -386,7 +386,8 @@ class Runner:
         )
         figures["notes"] = [
             "tiny agents run `sleep` and never listen: they stay STARTING, and the control "
-            "plane keeps probing each one's ready path every 50 ms (that is the idle CPU)"
+            "plane keeps probing each one's ready path, most often in its first seconds "
+            "(that is the idle CPU)"
         ]
         return figures
 

@@ -70,9 +70,9 @@ LOG_TAIL_LINES = 20
 
 # Readiness is probed quickly while an agent starts (create-to-ready time is
 # what users feel), less often when it is slow to come up, and slowly once ready.
-PROBE_INTERVAL_STARTING = 0.02
+# (seconds since start, probe interval until then)
+PROBE_SCHEDULE = ((1.0, 0.02), (3.0, 0.1))
 PROBE_INTERVAL_SLOW_START = 0.5
-SLOW_START_AFTER = 5.0
 PROBE_INTERVAL_READY = 2.0
 PROBE_TIMEOUT = 2.0
 
@@ -527,7 +527,10 @@ class ProcessDriver(Driver):
         if ready:
             return PROBE_INTERVAL_READY
         since = (datetime.now(UTC) - (agent.started_at or agent.create_time)).total_seconds()
-        return PROBE_INTERVAL_STARTING if since < SLOW_START_AFTER else PROBE_INTERVAL_SLOW_START
+        for until, interval in PROBE_SCHEDULE:
+            if since < until:
+                return interval
+        return PROBE_INTERVAL_SLOW_START
 
     def _should_restart(self, info: AgentInfo) -> bool:
         policy = self._settings.restart_policy
