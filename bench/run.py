@@ -273,6 +273,21 @@ class Runner:
         path_roles = {"direct": ["agent"], "gateway": ["agentapi_proxy", "agent"]}
         notes = []
         async with contextlib.AsyncExitStack() as stack:
+            # A second gateway on the direct path: it asks the same control plane for a
+            # grant, then connects to the agent itself.
+            direct_gateway = stack.enter_context(
+                proxy_process(
+                    self.workdir / "direct-gateway",
+                    command="gateway",
+                    env={
+                        "AGENTAPI_GATEWAY_TRAFFIC_PATH": "direct",
+                        "AGENTAPI_GATEWAY_CONTROL_PLANE": proxy.grpc_target,
+                    },
+                )
+            )
+            bases["gateway_direct"] = f"{direct_gateway.base_url}/agents/traffic/proxy"
+            roles["gateway_direct"] = lambda: [proxy_pid(direct_gateway)]
+            path_roles["gateway_direct"] = ["gateway_direct", "agent"]
             if chp_available():
                 chp = await stack.enter_async_context(configurable_http_proxy(port))
                 bases["chp"] = f"http://127.0.0.1:{chp.port}"

@@ -143,8 +143,14 @@ async def http_load(
 
 
 def _path_ratios(paths: Mapping[str, Any], figures: Mapping[str, str]) -> dict[str, Any]:
-    """gateway/direct, chp/direct and gateway/chp for each figure (paths that ran only)."""
-    pairs = [("gateway", "direct"), ("chp", "direct"), ("gateway", "chp")]
+    """Each proxy against direct, and both gateway paths against configurable-http-proxy."""
+    pairs = [
+        ("gateway", "direct"),
+        ("gateway_direct", "direct"),
+        ("chp", "direct"),
+        ("gateway", "chp"),
+        ("gateway_direct", "chp"),
+    ]
     return {
         f"{a}_vs_{b}": {name: ratio(paths[a][key], paths[b][key]) for name, key in figures.items()}
         for a, b in pairs
