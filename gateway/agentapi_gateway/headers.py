@@ -17,25 +17,12 @@ from typing import Final
 from multidict import CIMultiDict
 
 from agentapi_proxy.errors import InvalidArgument
-
-HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        # Not in the RFC, but sent by old clients and just as connection-bound.
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
+from agentapi_proxy.http_rules import NOT_FORWARDED, end_to_end_headers
 
 # Meant for the gateway itself. Expect is answered by the gateway (100-continue),
 # so relaying it would make the next hop wait for a continue nobody sends.
-GATEWAY_ONLY: Final = frozenset({"host", "authorization", "x-api-key", "expect"})
+# Forwarded and X-Real-IP are the client's claims; the gateway writes X-Forwarded-* itself.
+GATEWAY_ONLY: Final = NOT_FORWARDED
 
 # Request headers passed to the control plane as gRPC metadata, under these keys.
 CREDENTIAL_METADATA: Final = {"authorization": "authorization", "x-api-key": "x-api-key"}
@@ -58,9 +45,7 @@ def connection_named(headers: Iterable[Header]) -> frozenset[str]:
 
 def end_to_end(headers: Iterable[Header]) -> list[Header]:
     """The headers without hop-by-hop ones and without those that ``Connection`` names."""
-    pairs = list(headers)
-    dropped = HOP_BY_HOP | connection_named(pairs)
-    return [(name, value) for name, value in pairs if name.lower() not in dropped]
+    return end_to_end_headers(headers)
 
 
 def agent_request_headers(
