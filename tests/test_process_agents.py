@@ -365,3 +365,23 @@ class TestProxyStreamMisuse:
             await call.done_writing()
             error = await expect_code(_drain(call), grpc.StatusCode.INVALID_ARGUMENT)
             assert "Content-Length" in (error.details() or "") or "head" in (error.details() or "")
+
+
+async def test_a_malformed_agent_response_is_unavailable_not_internal(tmp_path: Path) -> None:
+    command = f"{sys.executable} -m tests.agents.malformed {{port}}"
+    env = {"AGENTAPI_PROCESS_COMMAND": command, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    with running_proxy(tmp_path, env=env, command="control-plane") as proxy:
+        channel, agents = stub(proxy.grpc_target)
+        async with channel:
+            await create_ready(agents, "broken")
+            call = agents.ProxyHTTP()
+            await call.write(
+                pb.ProxyHTTPRequest(
+                    head=pb.HTTPRequestHead(agent_id="broken", method="GET", path="/broken"),
+                    end_of_body=True,
+                )
+            )
+            await call.done_writing()
+            error = await expect_code(_drain(call), grpc.StatusCode.UNAVAILABLE)
+            assert "malformed" in (error.details() or "")
+            assert "Traceback" not in proxy.log_text()
