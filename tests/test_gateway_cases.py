@@ -206,3 +206,33 @@ async def test_gateway_outlives_a_control_plane_restart(tmp_path: Path) -> None:
                         break
                 await asyncio.sleep(0.2)
             assert response.status == 200
+
+
+async def test_a_client_slow_to_send_its_head_is_cut_off_but_streams_live_on(
+    tmp_path: Path,
+) -> None:
+    """Slowloris: a header line every half second never completes a request."""
+    env = {"AGENTAPI_PROCESS_COMMAND": CHATTY, "AGENTAPI_GATEWAY_HEADER_TIMEOUT_SECONDS": "1"}
+    with running_proxy(tmp_path, env=env) as proxy:
+        async with aiohttp.ClientSession(proxy.base_url, timeout=NO_TIMEOUT) as http:
+            await create(http, "slow")
+            async with http.get("/agents/slow/proxy/events") as events:
+                reader, writer = await asyncio.open_connection("127.0.0.1", proxy.http_port)
+                writer.write(b"GET /agents HTTP/1.1\r\nHost: x\r\n")
+                closed = False
+                for index in range(20):
+                    await asyncio.sleep(0.5)
+                    try:
+                        writer.write(b"X-Slow-%d: 1\r\n" % index)
+                        await writer.drain()
+                        closed = await asyncio.wait_for(reader.read(), 0.01) == b""
+                    except (ConnectionError, TimeoutError):
+                        closed = closed or writer.transport.is_closing()
+                    if closed:
+                        break
+                writer.close()
+                assert closed, "the gateway kept a connection that never sent its head"
+                assert index < 10
+                # The SSE stream opened before is older than the deadline and still flows.
+                line = await asyncio.wait_for(events.content.readline(), 30)
+                assert line

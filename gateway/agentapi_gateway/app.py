@@ -23,6 +23,7 @@ from aiohttp import web
 from google.protobuf.descriptor import ServiceDescriptor
 
 from agentapi_gateway.control_plane import ControlPlane
+from agentapi_gateway.deadline import HeadDeadlineSite
 from agentapi_gateway.direct import install_direct_path
 from agentapi_gateway.errors import (
     ErrorStatus,
@@ -94,7 +95,7 @@ async def run_gateway(
     )
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await HeadDeadlineSite(runner, host, port, seconds=settings.header_timeout_seconds).start()
     except OSError as exc:
         await runner.cleanup()
         raise FailedPrecondition(

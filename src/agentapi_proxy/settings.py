@@ -114,6 +114,8 @@ class GatewaySettings:
     control_plane: str = "127.0.0.1:50051"
     # Upper bound on a JSON request body of the REST routes (proxied bodies stream).
     max_json_body_bytes: int = 1_048_576
+    # A new connection must send a complete request head within this many seconds.
+    header_timeout_seconds: float = 10.0
     # How agent traffic travels: "grpc" through the control plane (ProxyHTTP), or
     # "direct" from the gateway to the agent, which it must be able to reach.
     traffic_path: str = "grpc"
@@ -424,6 +426,8 @@ def _check(value: Any, prefix: tuple[str, ...], source_of: Any) -> None:
     elif isinstance(value, ServerSettings) and value.max_message_bytes < 64 * 1024:
         raise fail("max_message_bytes", "at least 65536 bytes")
     elif isinstance(value, GatewaySettings):
+        if value.header_timeout_seconds <= 0:
+            raise fail("header_timeout_seconds", "more than 0 seconds")
         if value.traffic_path not in {"grpc", "direct"}:
             raise fail("traffic_path", "'grpc' or 'direct'")
         if not 0 < value.direct_grant_ttl_seconds <= 60:
