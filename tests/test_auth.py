@@ -122,6 +122,15 @@ class TestOwnership:
             )
             assert admin_view.agent.owner == "alice"
 
+            taken = await expect_code(
+                agents.CreateAgent(
+                    pb.CreateAgentRequest(session_id="s", agent_id="alices"),
+                    metadata=as_user(BOB),
+                ),
+                grpc.StatusCode.ALREADY_EXISTS,
+            )
+            assert "taken" in (taken.details() or "") and "delete" not in (taken.details() or "")
+
             bearer = (("authorization", f"Bearer {ALICE}"),)
             await agents.DeleteAgent(pb.DeleteAgentRequest(agent_id="alices"), metadata=bearer)
 

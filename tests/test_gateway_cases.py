@@ -236,3 +236,15 @@ async def test_a_client_slow_to_send_its_head_is_cut_off_but_streams_live_on(
                 # The SSE stream opened before is older than the deadline and still flows.
                 line = await asyncio.wait_for(events.content.readline(), 30)
                 assert line
+
+
+async def test_kubectl_style_durations_work_in_queries(http: aiohttp.ClientSession) -> None:
+    await create(http, "since")
+    for since in ("5m", "1h30m", "300s"):
+        async with http.get(
+            "/agents/since/logs", params={"since": since, "format": "text"}
+        ) as response:
+            assert response.status == 200, await response.text()
+            assert b"listening" in await response.read()
+    async with http.get("/agents/since/logs", params={"since": "5 minutes"}) as response:
+        assert response.status == 400

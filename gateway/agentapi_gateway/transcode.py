@@ -20,6 +20,7 @@ Every problem raises InvalidArgument with a message naming the field.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, Final, TypeVar, cast
 
@@ -167,8 +168,28 @@ def _json_value(fields: FieldPath, values: list[str], *, spelled: str) -> Any:
     return converted[0]
 
 
+# kubectl-style durations in query strings ("5m", "1h30m", "250ms"), besides "300s".
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_UNITS: Final = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_PROTO_DURATION = re.compile(r"-?\d+(?:\.\d+)?s")
+
+
+def _duration(value: str) -> str:
+    """``value`` in proto3 JSON form; kubectl forms are converted, anything else is kept."""
+    text = value.strip()
+    if _PROTO_DURATION.fullmatch(text) or not text or _DURATION_PART.sub("", text):
+        return value
+    seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(text))
+    return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
+
+
 def _scalar(field: FieldDescriptor, value: str, *, spelled: str) -> Any:
     """The JSON value json_format expects; strings suit every type but bool."""
+    if (
+        field.message_type is not None
+        and field.message_type.full_name == "google.protobuf.Duration"
+    ):
+        return _duration(value)
     kind = field.type
     if field.message_type is not None and field.message_type.full_name.endswith(".BoolValue"):
         kind = FieldDescriptor.TYPE_BOOL

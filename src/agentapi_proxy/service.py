@@ -250,7 +250,16 @@ class AgentService(pb_grpc.AgentServiceServicer):
             env=dict(request.env),
             labels=dict(request.labels),
         )
-        info, created = await self._driver.create(spec)
+        try:
+            info, created = await self._driver.create(spec)
+        except errors.AlreadyExists:
+            # Ids are global; another user's agent is "taken", with nothing more said.
+            existing = await self._driver.get(agent_id)
+            if not principal.may_see(existing.spec.owner):
+                raise errors.AlreadyExists(
+                    f"agent id {agent_id!r} is taken; choose another id"
+                ) from None
+            raise
         return pb.CreateAgentResponse(agent=agent_to_pb(info), created=created)
 
     @_unary
