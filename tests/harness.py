@@ -13,9 +13,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import grpc
 
 from agentapi_proxy.v1 import agent_service_pb2_grpc as pb_grpc
@@ -61,6 +63,17 @@ def group_members(pgid: int) -> list[int]:
         if fields[0] != "Z" and int(fields[2]) == pgid:
             members.append(int(entry.name))
     return members
+
+
+async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, Any]]:
+    """(event name, decoded data) for each SSE event of ``response``, as it arrives."""
+    event = ""
+    async for raw in response.content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("event: "):
+            event = line[len("event: ") :]
+        elif line.startswith("data: "):
+            yield event, json.loads(line[len("data: ") :])
 
 
 async def eventually(check: Callable[[], bool], *, seconds: float = 10.0) -> None:

@@ -25,7 +25,7 @@ from yarl import URL
 from agentapi_gateway.control_plane import ControlPlane
 from agentapi_gateway.direct import Grant, GrantCache
 from agentapi_proxy.v1 import agent_service_pb2 as pb
-from tests.harness import ProxyProcess, running_proxy
+from tests.harness import ProxyProcess, running_proxy, sse_events
 
 DEADLINE = 60.0
 NO_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_read=60)
@@ -91,16 +91,6 @@ async def rpc_counts(proxy: ProxyProcess) -> dict[str, float]:
     ):
         counts[match[1]] = counts.get(match[1], 0.0) + float(match[2])
     return counts
-
-
-async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, Any]]:
-    event = ""
-    async for raw in response.content:
-        line = raw.decode().rstrip("\n")
-        if line.startswith("event: "):
-            event = line[len("event: ") :]
-        elif line.startswith("data: "):
-            yield event, json.loads(line[len("data: ") :])
 
 
 # --- messages, SSE and large bodies over the direct path -----------------------------------
