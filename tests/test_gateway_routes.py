@@ -178,6 +178,15 @@ def test_query_values_are_converted_by_field_type() -> None:
     assert request == expected
 
 
+def test_list_paging_comes_from_the_query() -> None:
+    request = build_request(
+        pb.ListAgentsRequest,
+        path_values={},
+        query=[("pageSize", "50"), ("page_token", "abc")],
+    )
+    assert request == pb.ListAgentsRequest(page_size=50, page_token="abc")
+
+
 def test_timestamp_and_enum_by_name() -> None:
     logs = build_request(
         pb.StreamLogsRequest,

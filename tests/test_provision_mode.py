@@ -430,6 +430,61 @@ class TestClusterIsTheSourceOfTruth:
         )
         await delete_quietly(agents, "count0", *more)
 
+    async def test_list_pages_through_every_agent_once_in_id_order(self, agents: Stub) -> None:
+        ids = [f"page{n}" for n in range(7)]
+        await asyncio.gather(*(create(agents, agent_id, session_id="paged") for agent_id in ids))
+        try:
+            seen: list[str] = []
+            request = pb.ListAgentsRequest(session_id="paged", page_size=3)
+            pages = 0
+            while True:
+                page = await agents.ListAgents(request)
+                pages += 1
+                assert len(page.agents) <= 3
+                seen += [agent.agent_id for agent in page.agents]
+                if not page.next_page_token:
+                    break
+                request.page_token = page.next_page_token
+            assert seen == sorted(ids)
+            assert pages == 3
+
+            everything = await agents.ListAgents(pb.ListAgentsRequest(session_id="paged"))
+            assert [a.agent_id for a in everything.agents] == sorted(ids)
+            assert everything.next_page_token == ""
+        finally:
+            await delete_quietly(agents, *ids)
+
+    @pytest.mark.parametrize(
+        ("request_fields", "complaint"),
+        [
+            ({"page_size": -1}, "page_size must not be negative"),
+            ({"page_token": "not-a-token"}, "is not a next_page_token"),
+            ({"page_token": "e30"}, "is not a next_page_token"),  # base64 of {}
+        ],
+    )
+    async def test_bad_paging_is_invalid_argument(
+        self, agents: Stub, request_fields: dict[str, Any], complaint: str
+    ) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await agents.ListAgents(pb.ListAgentsRequest(**request_fields))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert complaint in (caught.value.details() or "")
+
+    async def test_a_page_token_only_continues_the_listing_it_came_from(self, agents: Stub) -> None:
+        ids = ["tok0", "tok1"]
+        await asyncio.gather(*(create(agents, agent_id, session_id="tokens") for agent_id in ids))
+        try:
+            first = await agents.ListAgents(pb.ListAgentsRequest(session_id="tokens", page_size=1))
+            assert first.next_page_token
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await agents.ListAgents(
+                    pb.ListAgentsRequest(session_id="other", page_token=first.next_page_token)
+                )
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "another session_id" in (caught.value.details() or "")
+        finally:
+            await delete_quietly(agents, *ids)
+
 
 # --- delete ---------------------------------------------------------------------------------
 

@@ -518,10 +518,16 @@ def _can_encode(out: TextIO, text: str) -> bool:
 
 
 async def _list(client: _Client, args: argparse.Namespace) -> int:
+    # Every page, so that the table is the whole listing however many agents there are.
+    response = pb.ListAgentsResponse()
+    request = pb.ListAgentsRequest(session_id=args.session)
     with client.calling():
-        response = await client.stub.ListAgents(
-            pb.ListAgentsRequest(session_id=args.session), metadata=client.metadata
-        )
+        while True:
+            page = await client.stub.ListAgents(request, metadata=client.metadata)
+            response.agents.extend(page.agents)
+            if not page.next_page_token:
+                break
+            request.page_token = page.next_page_token
     if args.output == "json":
         _print_json(response)
     elif not response.agents:

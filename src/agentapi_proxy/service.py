@@ -30,6 +30,7 @@ from agentapi_proxy.ids import (
     validate_session_id,
 )
 from agentapi_proxy.model import AgentInfo, AgentSpec, LogOptions, State, StreamEnd
+from agentapi_proxy.paging import page_of, page_query
 from agentapi_proxy.settings import ServerSettings
 from agentapi_proxy.traffic import TrafficRelay
 from agentapi_proxy.v1 import agent_service_pb2 as pb
@@ -51,7 +52,7 @@ MAX_WAIT = timedelta(seconds=600)
 GRANT_LIFETIME = timedelta(seconds=10)
 MAX_ENV_ENTRIES = 128
 MAX_ENV_VALUE_BYTES = 32 * 1024
-# Labels travel in every Agent message: a few hundred agents must fit in one ListAgents.
+# Labels travel in every Agent message: they are bounded so that a ListAgents page stays small.
 MAX_LABELS = 32
 MAX_ENV_TOTAL_BYTES = 64 * 1024
 _LABEL_KEY = re.compile(
@@ -276,10 +277,10 @@ class AgentService(pb_grpc.AgentServiceServicer):
         principal = _principal.get()
         principal.require(Permission.LIST)
         session_id = validate_session_id(request.session_id) if request.session_id else None
+        query = page_query(request)
         agents = await self._driver.list_agents(session_id)
-        return pb.ListAgentsResponse(
-            agents=[agent_to_pb(info) for info in agents if principal.may_see(info.spec.owner)]
-        )
+        visible = (agent_to_pb(info) for info in agents if principal.may_see(info.spec.owner))
+        return page_of(visible, query, session_id=request.session_id)
 
     @_unary
     async def DeleteAgent(

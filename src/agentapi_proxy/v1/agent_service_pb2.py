@@ -28,7 +28,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%agentapi_proxy/v1/agent_service.proto\x12\x11\x61gentapi_proxy.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbb\x04\n\x05\x41gent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12,\n\x04mode\x18\x04 \x01(\x0e\x32\x1e.agentapi_proxy.v1.RuntimeMode\x12,\n\x05state\x18\x05 \x01(\x0e\x32\x1d.agentapi_proxy.v1.AgentState\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x08 \x01(\t\x12.\n\x03\x65nv\x18\t \x03(\x0b\x32!.agentapi_proxy.v1.Agent.EnvEntry\x12\x34\n\x06labels\x18\n \x03(\x0b\x32$.agentapi_proxy.v1.Agent.LabelsEntry\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nready_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\texit_code\x18\r \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rrestart_count\x18\x0e \x01(\x05\x12\x10\n\x08log_tail\x18\x0f \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_exit_code\"\x9b\x02\n\x12\x43reateAgentRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12;\n\x03\x65nv\x18\x03 \x03(\x0b\x32..agentapi_proxy.v1.CreateAgentRequest.EnvEntry\x12\x41\n\x06labels\x18\x04 \x03(\x0b\x32\x31.agentapi_proxy.v1.CreateAgentRequest.LabelsEntry\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x13\x43reateAgentResponse\x12\'\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x18.agentapi_proxy.v1.Agent\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"=\n\x0fGetAgentRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nsession_id\x18\x02 \x01(\t\";\n\x10GetAgentResponse\x12\'\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x18.agentapi_proxy.v1.Agent\"\'\n\x11ListAgentsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\">\n\x12ListAgentsResponse\x12(\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x18.agentapi_proxy.v1.Agent\"@\n\x12\x44\x65leteAgentRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nsession_id\x18\x02 \x01(\t\">\n\x13\x44\x65leteAgentResponse\x12\'\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x18.agentapi_proxy.v1.Agent\"\x84\x01\n\x10WaitAgentRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12,\n\x05state\x18\x02 \x01(\x0e\x32\x1d.agentapi_proxy.v1.AgentState\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"<\n\x11WaitAgentResponse\x12\'\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x18.agentapi_proxy.v1.Agent\"+\n\x11WatchAgentRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"=\n\x12WatchAgentResponse\x12\'\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x18.agentapi_proxy.v1.Agent\"\x8d\x02\n\x11StreamLogsRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x17\n\ntail_lines\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12(\n\x05since\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nsince_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ntimestamps\x18\x06 \x01(\x08\x12\x10\n\x08previous\x18\x07 \x01(\x08\x12\x18\n\x0blimit_bytes\x18\x08 \x01(\x03H\x01\x88\x01\x01\x42\r\n\x0b_tail_linesB\x0e\n\x0c_limit_bytes\"M\n\x12StreamLogsResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12)\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1c.agentapi_proxy.v1.StreamEnd\",\n\tStreamEnd\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"g\n\x10ProxyHTTPRequest\x12\x30\n\x04head\x18\x01 \x01(\x0b\x32\".agentapi_proxy.v1.HTTPRequestHead\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\x13\n\x0b\x65nd_of_body\x18\x03 \x01(\x08\"\x80\x01\n\x0fHTTPRequestHead\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\r\n\x05query\x18\x04 \x01(\t\x12.\n\x07headers\x18\x05 \x03(\x0b\x32\x1d.agentapi_proxy.v1.HTTPHeader\")\n\nHTTPHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"i\n\x11ProxyHTTPResponse\x12\x31\n\x04head\x18\x01 \x01(\x0b\x32#.agentapi_proxy.v1.HTTPResponseHead\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\x13\n\x0b\x65nd_of_body\x18\x03 \x01(\x08\"R\n\x10HTTPResponseHead\x12\x0e\n\x06status\x18\x01 \x01(\x05\x12.\n\x07headers\x18\x02 \x03(\x0b\x32\x1d.agentapi_proxy.v1.HTTPHeader\"1\n\x17GrantAgentAccessRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"k\n\x18GrantAgentAccessResponse\x12\x10\n\x08\x62\x61se_url\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xd7\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41GENT_STATE_PENDING\x10\x01\x12\x18\n\x14\x41GENT_STATE_STARTING\x10\x02\x12\x15\n\x11\x41GENT_STATE_READY\x10\x03\x12\x17\n\x13\x41GENT_STATE_UNREADY\x10\x04\x12\x16\n\x12\x41GENT_STATE_FAILED\x10\x05\x12\x18\n\x14\x41GENT_STATE_STOPPING\x10\x06\x12\x17\n\x13\x41GENT_STATE_DELETED\x10\x07*c\n\x0bRuntimeMode\x12\x1c\n\x18RUNTIME_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14RUNTIME_MODE_PROCESS\x10\x01\x12\x1c\n\x18RUNTIME_MODE_STATEFULSET\x10\x02\x32\x83\n\n\x0c\x41gentService\x12\x86\x01\n\x0b\x43reateAgent\x12%.agentapi_proxy.v1.CreateAgentRequest\x1a&.agentapi_proxy.v1.CreateAgentResponse\"(\x82\xd3\xe4\x93\x02\"\"\x1d/sessions/{session_id}/agents:\x01*\x12\x9b\x01\n\x08GetAgent\x12\".agentapi_proxy.v1.GetAgentRequest\x1a#.agentapi_proxy.v1.GetAgentResponse\"F\x82\xd3\xe4\x93\x02@\x12\x12/agents/{agent_id}Z*\x12(/sessions/{session_id}/agents/{agent_id}\x12\x8b\x01\n\nListAgents\x12$.agentapi_proxy.v1.ListAgentsRequest\x1a%.agentapi_proxy.v1.ListAgentsResponse\"0\x82\xd3\xe4\x93\x02*\x12\x07/agentsZ\x1f\x12\x1d/sessions/{session_id}/agents\x12\xa4\x01\n\x0b\x44\x65leteAgent\x12%.agentapi_proxy.v1.DeleteAgentRequest\x1a&.agentapi_proxy.v1.DeleteAgentResponse\"F\x82\xd3\xe4\x93\x02@*\x12/agents/{agent_id}Z**(/sessions/{session_id}/agents/{agent_id}\x12z\n\tWaitAgent\x12#.agentapi_proxy.v1.WaitAgentRequest\x1a$.agentapi_proxy.v1.WaitAgentResponse\"\"\x82\xd3\xe4\x93\x02\x1c\"\x17/agents/{agent_id}:wait:\x01*\x12}\n\nWatchAgent\x12$.agentapi_proxy.v1.WatchAgentRequest\x1a%.agentapi_proxy.v1.WatchAgentResponse\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/agents/{agent_id}/watch0\x01\x12|\n\nStreamLogs\x12$.agentapi_proxy.v1.StreamLogsRequest\x1a%.agentapi_proxy.v1.StreamLogsResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/agents/{agent_id}/logs0\x01\x12\x84\x01\n\tProxyHTTP\x12#.agentapi_proxy.v1.ProxyHTTPRequest\x1a$.agentapi_proxy.v1.ProxyHTTPResponse\"(\x82\xd3\xe4\x93\x02\"B \n\x01*\x12\x1b/agents/{agent_id}/proxy/**(\x01\x30\x01\x12\x96\x01\n\x10GrantAgentAccess\x12*.agentapi_proxy.v1.GrantAgentAccessRequest\x1a+.agentapi_proxy.v1.GrantAgentAccessResponse\")\x82\xd3\xe4\x93\x02#\"\x1e/agents/{agent_id}:grantAccess:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%agentapi_proxy/v1/agent_service.proto\x12\x11\x61gentapi_proxy.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbb\x04\n\x05\x41gent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12,\n\x04mode\x18\x04 \x01(\x0e\x32\x1e.agentapi_proxy.v1.RuntimeMode\x12,\n\x05state\x18\x05 \x01(\x0e\x32\x1d.agentapi_proxy.v1.AgentState\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x08 \x01(\t\x12.\n\x03\x65nv\x18\t \x03(\x0b\x32!.agentapi_proxy.v1.Agent.EnvEntry\x12\x34\n\x06labels\x18\n \x03(\x0b\x32$.agentapi_proxy.v1.Agent.LabelsEntry\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nready_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\texit_code\x18\r \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rrestart_count\x18\x0e \x01(\x05\x12\x10\n\x08log_tail\x18\x0f \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_exit_code\"\x9b\x02\n\x12\x43reateAgentRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12;\n\x03\x65nv\x18\x03 \x03(\x0b\x32..agentapi_proxy.v1.CreateAgentRequest.EnvEntry\x12\x41\n\x06labels\x18\x04 \x03(\x0b\x32\x31.agentapi_proxy.v1.CreateAgentRequest.LabelsEntry\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x13\x43reateAgentResponse\x12\'\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x18.agentapi_proxy.v1.Agent\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"=\n\x0fGetAgentRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nsession_id\x18\x02 \x01(\t\";\n\x10GetAgentResponse\x12\'\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x18.agentapi_proxy.v1.Agent\"N\n\x11ListAgentsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"W\n\x12ListAgentsResponse\x12(\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x18.agentapi_proxy.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x12\x44\x65leteAgentRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nsession_id\x18\x02 \x01(\t\">\n\x13\x44\x65leteAgentResponse\x12\'\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x18.agentapi_proxy.v1.Agent\"\x84\x01\n\x10WaitAgentRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12,\n\x05state\x18\x02 \x01(\x0e\x32\x1d.agentapi_proxy.v1.AgentState\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"<\n\x11WaitAgentResponse\x12\'\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x18.agentapi_proxy.v1.Agent\"+\n\x11WatchAgentRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"=\n\x12WatchAgentResponse\x12\'\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x18.agentapi_proxy.v1.Agent\"\x8d\x02\n\x11StreamLogsRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x17\n\ntail_lines\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12(\n\x05since\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nsince_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ntimestamps\x18\x06 \x01(\x08\x12\x10\n\x08previous\x18\x07 \x01(\x08\x12\x18\n\x0blimit_bytes\x18\x08 \x01(\x03H\x01\x88\x01\x01\x42\r\n\x0b_tail_linesB\x0e\n\x0c_limit_bytes\"M\n\x12StreamLogsResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12)\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1c.agentapi_proxy.v1.StreamEnd\",\n\tStreamEnd\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"g\n\x10ProxyHTTPRequest\x12\x30\n\x04head\x18\x01 \x01(\x0b\x32\".agentapi_proxy.v1.HTTPRequestHead\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\x13\n\x0b\x65nd_of_body\x18\x03 \x01(\x08\"\x80\x01\n\x0fHTTPRequestHead\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\r\n\x05query\x18\x04 \x01(\t\x12.\n\x07headers\x18\x05 \x03(\x0b\x32\x1d.agentapi_proxy.v1.HTTPHeader\")\n\nHTTPHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"i\n\x11ProxyHTTPResponse\x12\x31\n\x04head\x18\x01 \x01(\x0b\x32#.agentapi_proxy.v1.HTTPResponseHead\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\x13\n\x0b\x65nd_of_body\x18\x03 \x01(\x08\"R\n\x10HTTPResponseHead\x12\x0e\n\x06status\x18\x01 \x01(\x05\x12.\n\x07headers\x18\x02 \x03(\x0b\x32\x1d.agentapi_proxy.v1.HTTPHeader\"1\n\x17GrantAgentAccessRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"k\n\x18GrantAgentAccessResponse\x12\x10\n\x08\x62\x61se_url\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xd7\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41GENT_STATE_PENDING\x10\x01\x12\x18\n\x14\x41GENT_STATE_STARTING\x10\x02\x12\x15\n\x11\x41GENT_STATE_READY\x10\x03\x12\x17\n\x13\x41GENT_STATE_UNREADY\x10\x04\x12\x16\n\x12\x41GENT_STATE_FAILED\x10\x05\x12\x18\n\x14\x41GENT_STATE_STOPPING\x10\x06\x12\x17\n\x13\x41GENT_STATE_DELETED\x10\x07*c\n\x0bRuntimeMode\x12\x1c\n\x18RUNTIME_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14RUNTIME_MODE_PROCESS\x10\x01\x12\x1c\n\x18RUNTIME_MODE_STATEFULSET\x10\x02\x32\x83\n\n\x0c\x41gentService\x12\x86\x01\n\x0b\x43reateAgent\x12%.agentapi_proxy.v1.CreateAgentRequest\x1a&.agentapi_proxy.v1.CreateAgentResponse\"(\x82\xd3\xe4\x93\x02\"\"\x1d/sessions/{session_id}/agents:\x01*\x12\x9b\x01\n\x08GetAgent\x12\".agentapi_proxy.v1.GetAgentRequest\x1a#.agentapi_proxy.v1.GetAgentResponse\"F\x82\xd3\xe4\x93\x02@\x12\x12/agents/{agent_id}Z*\x12(/sessions/{session_id}/agents/{agent_id}\x12\x8b\x01\n\nListAgents\x12$.agentapi_proxy.v1.ListAgentsRequest\x1a%.agentapi_proxy.v1.ListAgentsResponse\"0\x82\xd3\xe4\x93\x02*\x12\x07/agentsZ\x1f\x12\x1d/sessions/{session_id}/agents\x12\xa4\x01\n\x0b\x44\x65leteAgent\x12%.agentapi_proxy.v1.DeleteAgentRequest\x1a&.agentapi_proxy.v1.DeleteAgentResponse\"F\x82\xd3\xe4\x93\x02@*\x12/agents/{agent_id}Z**(/sessions/{session_id}/agents/{agent_id}\x12z\n\tWaitAgent\x12#.agentapi_proxy.v1.WaitAgentRequest\x1a$.agentapi_proxy.v1.WaitAgentResponse\"\"\x82\xd3\xe4\x93\x02\x1c\"\x17/agents/{agent_id}:wait:\x01*\x12}\n\nWatchAgent\x12$.agentapi_proxy.v1.WatchAgentRequest\x1a%.agentapi_proxy.v1.WatchAgentResponse\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/agents/{agent_id}/watch0\x01\x12|\n\nStreamLogs\x12$.agentapi_proxy.v1.StreamLogsRequest\x1a%.agentapi_proxy.v1.StreamLogsResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/agents/{agent_id}/logs0\x01\x12\x84\x01\n\tProxyHTTP\x12#.agentapi_proxy.v1.ProxyHTTPRequest\x1a$.agentapi_proxy.v1.ProxyHTTPResponse\"(\x82\xd3\xe4\x93\x02\"B \n\x01*\x12\x1b/agents/{agent_id}/proxy/**(\x01\x30\x01\x12\x96\x01\n\x10GrantAgentAccess\x12*.agentapi_proxy.v1.GrantAgentAccessRequest\x1a+.agentapi_proxy.v1.GrantAgentAccessResponse\")\x82\xd3\xe4\x93\x02#\"\x1e/agents/{agent_id}:grantAccess:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -75,10 +75,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTSERVICE'].methods_by_name['ProxyHTTP']._serialized_options = b'\202\323\344\223\002\"B \n\001*\022\033/agents/{agent_id}/proxy/**'
   _globals['_AGENTSERVICE'].methods_by_name['GrantAgentAccess']._loaded_options = None
   _globals['_AGENTSERVICE'].methods_by_name['GrantAgentAccess']._serialized_options = b'\202\323\344\223\002#\"\036/agents/{agent_id}:grantAccess:\001*'
-  _globals['_AGENTSTATE']._serialized_start=2821
-  _globals['_AGENTSTATE']._serialized_end=3036
-  _globals['_RUNTIMEMODE']._serialized_start=3038
-  _globals['_RUNTIMEMODE']._serialized_end=3137
+  _globals['_AGENTSTATE']._serialized_start=2885
+  _globals['_AGENTSTATE']._serialized_end=3100
+  _globals['_RUNTIMEMODE']._serialized_start=3102
+  _globals['_RUNTIMEMODE']._serialized_end=3201
   _globals['_AGENT']._serialized_start=189
   _globals['_AGENT']._serialized_end=760
   _globals['_AGENT_ENVENTRY']._serialized_start=657
@@ -98,41 +98,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETAGENTRESPONSE']._serialized_start=1192
   _globals['_GETAGENTRESPONSE']._serialized_end=1251
   _globals['_LISTAGENTSREQUEST']._serialized_start=1253
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1292
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1294
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1356
-  _globals['_DELETEAGENTREQUEST']._serialized_start=1358
-  _globals['_DELETEAGENTREQUEST']._serialized_end=1422
-  _globals['_DELETEAGENTRESPONSE']._serialized_start=1424
-  _globals['_DELETEAGENTRESPONSE']._serialized_end=1486
-  _globals['_WAITAGENTREQUEST']._serialized_start=1489
-  _globals['_WAITAGENTREQUEST']._serialized_end=1621
-  _globals['_WAITAGENTRESPONSE']._serialized_start=1623
-  _globals['_WAITAGENTRESPONSE']._serialized_end=1683
-  _globals['_WATCHAGENTREQUEST']._serialized_start=1685
-  _globals['_WATCHAGENTREQUEST']._serialized_end=1728
-  _globals['_WATCHAGENTRESPONSE']._serialized_start=1730
-  _globals['_WATCHAGENTRESPONSE']._serialized_end=1791
-  _globals['_STREAMLOGSREQUEST']._serialized_start=1794
-  _globals['_STREAMLOGSREQUEST']._serialized_end=2063
-  _globals['_STREAMLOGSRESPONSE']._serialized_start=2065
-  _globals['_STREAMLOGSRESPONSE']._serialized_end=2142
-  _globals['_STREAMEND']._serialized_start=2144
-  _globals['_STREAMEND']._serialized_end=2188
-  _globals['_PROXYHTTPREQUEST']._serialized_start=2190
-  _globals['_PROXYHTTPREQUEST']._serialized_end=2293
-  _globals['_HTTPREQUESTHEAD']._serialized_start=2296
-  _globals['_HTTPREQUESTHEAD']._serialized_end=2424
-  _globals['_HTTPHEADER']._serialized_start=2426
-  _globals['_HTTPHEADER']._serialized_end=2467
-  _globals['_PROXYHTTPRESPONSE']._serialized_start=2469
-  _globals['_PROXYHTTPRESPONSE']._serialized_end=2574
-  _globals['_HTTPRESPONSEHEAD']._serialized_start=2576
-  _globals['_HTTPRESPONSEHEAD']._serialized_end=2658
-  _globals['_GRANTAGENTACCESSREQUEST']._serialized_start=2660
-  _globals['_GRANTAGENTACCESSREQUEST']._serialized_end=2709
-  _globals['_GRANTAGENTACCESSRESPONSE']._serialized_start=2711
-  _globals['_GRANTAGENTACCESSRESPONSE']._serialized_end=2818
-  _globals['_AGENTSERVICE']._serialized_start=3140
-  _globals['_AGENTSERVICE']._serialized_end=4423
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1331
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1333
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1420
+  _globals['_DELETEAGENTREQUEST']._serialized_start=1422
+  _globals['_DELETEAGENTREQUEST']._serialized_end=1486
+  _globals['_DELETEAGENTRESPONSE']._serialized_start=1488
+  _globals['_DELETEAGENTRESPONSE']._serialized_end=1550
+  _globals['_WAITAGENTREQUEST']._serialized_start=1553
+  _globals['_WAITAGENTREQUEST']._serialized_end=1685
+  _globals['_WAITAGENTRESPONSE']._serialized_start=1687
+  _globals['_WAITAGENTRESPONSE']._serialized_end=1747
+  _globals['_WATCHAGENTREQUEST']._serialized_start=1749
+  _globals['_WATCHAGENTREQUEST']._serialized_end=1792
+  _globals['_WATCHAGENTRESPONSE']._serialized_start=1794
+  _globals['_WATCHAGENTRESPONSE']._serialized_end=1855
+  _globals['_STREAMLOGSREQUEST']._serialized_start=1858
+  _globals['_STREAMLOGSREQUEST']._serialized_end=2127
+  _globals['_STREAMLOGSRESPONSE']._serialized_start=2129
+  _globals['_STREAMLOGSRESPONSE']._serialized_end=2206
+  _globals['_STREAMEND']._serialized_start=2208
+  _globals['_STREAMEND']._serialized_end=2252
+  _globals['_PROXYHTTPREQUEST']._serialized_start=2254
+  _globals['_PROXYHTTPREQUEST']._serialized_end=2357
+  _globals['_HTTPREQUESTHEAD']._serialized_start=2360
+  _globals['_HTTPREQUESTHEAD']._serialized_end=2488
+  _globals['_HTTPHEADER']._serialized_start=2490
+  _globals['_HTTPHEADER']._serialized_end=2531
+  _globals['_PROXYHTTPRESPONSE']._serialized_start=2533
+  _globals['_PROXYHTTPRESPONSE']._serialized_end=2638
+  _globals['_HTTPRESPONSEHEAD']._serialized_start=2640
+  _globals['_HTTPRESPONSEHEAD']._serialized_end=2722
+  _globals['_GRANTAGENTACCESSREQUEST']._serialized_start=2724
+  _globals['_GRANTAGENTACCESSREQUEST']._serialized_end=2773
+  _globals['_GRANTAGENTACCESSRESPONSE']._serialized_start=2775
+  _globals['_GRANTAGENTACCESSRESPONSE']._serialized_end=2882
+  _globals['_AGENTSERVICE']._serialized_start=3204
+  _globals['_AGENTSERVICE']._serialized_end=4487
 # @@protoc_insertion_point(module_scope)

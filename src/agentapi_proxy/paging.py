@@ -1,0 +1,96 @@
+"""Pages of ListAgents: which agents one answer carries and where the next one starts.
+
+Agents are listed sorted by id, so a page is "the first N ids after X". The
+token names X and the query it belongs to; it is opaque to callers but not a
+secret (it grants nothing: every agent on a page is still checked against the
+caller).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from agentapi_proxy.errors import InvalidArgument
+from agentapi_proxy.v1 import agent_service_pb2 as pb
+
+DEFAULT_PAGE_SIZE: Final = 500
+MAX_PAGE_SIZE: Final = 1000
+# Below gRPC's default 4 MiB message limit, with room for the envelope.
+MAX_PAGE_BYTES: Final = 3 * 1024 * 1024
+_TOKEN_VERSION: Final = 1
+
+
+@dataclass(frozen=True)
+class PageQuery:
+    """A ListAgents request's paging, checked: the page starts after ``after``."""
+
+    size: int
+    after: str | None
+
+
+def page_query(request: pb.ListAgentsRequest) -> PageQuery:
+    """Check ``page_size`` and ``page_token``; raises InvalidArgument naming the field."""
+    if request.page_size < 0:
+        raise InvalidArgument(f"page_size must not be negative, got {request.page_size}")
+    size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    if not request.page_token:
+        return PageQuery(size=size, after=None)
+    try:
+        padded = request.page_token + "=" * (-len(request.page_token) % 4)
+        fields = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        valid = (
+            isinstance(fields, dict)
+            and fields.get("v") == _TOKEN_VERSION
+            and isinstance(fields.get("after"), str)
+            and isinstance(fields.get("session"), str)
+        )
+    except (ValueError, UnicodeError, binascii.Error):
+        valid = False
+    if not valid:
+        raise InvalidArgument(
+            "page_token is not a next_page_token of ListAgents; "
+            "leave it empty to start from the first page"
+        )
+    if fields["session"] != request.session_id:
+        raise InvalidArgument(
+            "page_token belongs to a listing with another session_id; "
+            "keep session_id the same while paging, or start again without page_token"
+        )
+    return PageQuery(size=size, after=fields["after"])
+
+
+def page_of(
+    agents: Iterable[pb.Agent], query: PageQuery, *, session_id: str
+) -> pb.ListAgentsResponse:
+    """The page ``query`` asks for out of ``agents`` (sorted by id), with its next token.
+
+    A page holds at most ``query.size`` agents and ends before it would pass
+    MAX_PAGE_BYTES, so that it always fits in one gRPC message.
+    """
+    page = pb.ListAgentsResponse()
+    used = 0
+    last: str | None = None
+    more = False
+    for agent in agents:
+        if query.after is not None and agent.agent_id <= query.after:
+            continue
+        size = agent.ByteSize() + 8
+        if len(page.agents) >= query.size or (page.agents and used + size > MAX_PAGE_BYTES):
+            more = True
+            break
+        page.agents.append(agent)
+        used += size
+        last = agent.agent_id
+    if more and last is not None:
+        page.next_page_token = _token(after=last, session_id=session_id)
+    return page
+
+
+def _token(*, after: str, session_id: str) -> str:
+    raw = json.dumps({"v": _TOKEN_VERSION, "after": after, "session": session_id})
+    return base64.urlsafe_b64encode(raw.encode()).decode("ascii").rstrip("=")
