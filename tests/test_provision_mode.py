@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -39,6 +40,7 @@ from agentapi_proxy.v1 import agent_service_pb2 as pb
 from agentapi_proxy.v1 import agent_service_pb2_grpc as pb_grpc
 from tests.harness import ProxyProcess, running_proxy, stub
 from tests.kube_double import KubeDouble, PolicyRule, Timings
+from tests.kube_double.status import JsonObject
 
 NAMESPACE = "agents-test"
 IMAGE = "registry.example.test/agentapi-agent:v1"
@@ -487,6 +489,115 @@ class TestClusterIsTheSourceOfTruth:
 
 
 # --- delete ---------------------------------------------------------------------------------
+
+
+class TestCutShort:
+    """The control plane killed (kill -9) in the middle of a create or a delete."""
+
+    @staticmethod
+    def companions(kube: KubeDouble, agent_id: str) -> list[JsonObject | None]:
+        return [
+            kube.get("configmaps", so.configmap_name(agent_id)),
+            kube.get("services", so.service_name(agent_id)),
+        ]
+
+    async def test_a_create_cut_short_is_completed_by_the_restart(
+        self, kube: KubeDouble, tmp_path: Path
+    ) -> None:
+        # The ConfigMap's create hangs long enough to kill the control plane after the
+        # StatefulSet exists and before its companions do.
+        kube.set_latency(4.0, verb="create", resource="configmaps")
+        env = provision_env(kube)
+        with running_proxy(tmp_path / "first", env=env, command="control-plane") as first:
+            channel, agents = stub(first.grpc_target)
+            try:
+                creating = asyncio.ensure_future(create(agents, "cut1"))
+                await asyncio.to_thread(
+                    kube.wait_for,
+                    lambda: kube.get("statefulsets", so.statefulset_name("cut1")),
+                    what="the StatefulSet",
+                )
+                first.stop(signal.SIGKILL)
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await creating
+            finally:
+                await channel.close()
+        kube.set_latency(0, verb="create", resource="configmaps")
+        statefulset = kube.get("statefulsets", so.statefulset_name("cut1"))
+        assert statefulset is not None
+
+        with running_proxy(tmp_path / "second", env=env, command="control-plane") as second:
+            channel, agents = stub(second.grpc_target)
+            try:
+                # The restart adds what the create had not made, owned by the StatefulSet.
+                for made in await asyncio.to_thread(
+                    kube.wait_for,
+                    lambda: all(self.companions(kube, "cut1")) and self.companions(kube, "cut1"),
+                    what="the ConfigMap and Service",
+                ):
+                    assert made is not None
+                    refs = made["metadata"]["ownerReferences"]
+                    assert [(r["kind"], r["uid"]) for r in refs] == [
+                        ("StatefulSet", statefulset["metadata"]["uid"])
+                    ]
+                assert (await wait_ready(agents, "cut1")).state == pb.AGENT_STATE_READY
+                again = await agents.CreateAgent(
+                    pb.CreateAgentRequest(session_id="s1", agent_id="cut1")
+                )
+                assert not again.created
+                await agents.DeleteAgent(pb.DeleteAgentRequest(agent_id="cut1"))
+            finally:
+                await channel.close()
+            assert_clean_log(second)
+        await asyncio.to_thread(
+            kube.wait_for,
+            lambda: not any(self.companions(kube, "cut1")),
+            what="the companions to go",
+        )
+
+    async def test_a_delete_cut_short_leaves_no_object_behind(
+        self, kube: KubeDouble, tmp_path: Path
+    ) -> None:
+        env = provision_env(kube)
+        with running_proxy(tmp_path / "first", env=env, command="control-plane") as first:
+            channel, agents = stub(first.grpc_target)
+            try:
+                await create(agents, "cut2")
+                await wait_ready(agents, "cut2")
+                # The Service's delete hangs: kill the control plane while it waits.
+                kube.set_latency(4.0, verb="delete", resource="services")
+                deleting = asyncio.ensure_future(
+                    agents.DeleteAgent(pb.DeleteAgentRequest(agent_id="cut2"))
+                )
+                await asyncio.to_thread(
+                    kube.wait_for,
+                    lambda: kube.get("statefulsets", so.statefulset_name("cut2")) is None,
+                    what="the StatefulSet to go",
+                )
+                first.stop(signal.SIGKILL)
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await deleting
+            finally:
+                kube.set_latency(0, verb="delete", resource="services")
+                await channel.close()
+
+        # The garbage collector removes what the StatefulSet owned; nothing is left.
+        await asyncio.to_thread(
+            kube.wait_for,
+            lambda: (
+                not any(self.companions(kube, "cut2"))
+                and kube.get("pods", so.pod_name("cut2")) is None
+            ),
+            what="every object of the agent to go",
+        )
+        with running_proxy(tmp_path / "second", env=env, command="control-plane") as second:
+            channel, agents = stub(second.grpc_target)
+            try:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await agents.GetAgent(pb.GetAgentRequest(agent_id="cut2"))
+                assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            finally:
+                await channel.close()
 
 
 class TestDelete:

@@ -254,6 +254,7 @@ class StatefulSetDriver(Driver):
         versions: dict[str, str] = {}
         try:
             versions = await self._refresh()
+            await self._complete_interrupted_creates()
         except AgentApiError as exc:
             logger.warning("cannot read the agents from the cluster yet: %s", exc.message)
         self._tasks = [
@@ -301,40 +302,33 @@ class StatefulSetDriver(Driver):
                     self._apps.read_namespaced_stateful_set, objects.statefulset_name(agent_id)
                 )
                 if existing is not None:
-                    return await self._same_agent(existing, spec), False
+                    info = await self._same_agent(existing, spec)
+                    # The same create again may be the retry of one that was cut short.
+                    await self._ensure_companions(existing, spec)
+                    return info, False
                 await self._check_leftovers(agent_id)
 
-                # TODO: give the ConfigMap and Service an owner reference to the StatefulSet
-                # (a PATCH after it exists; needs patch on both in the Role), so that a
-                # delete interrupted half-way leaves nothing; today the next create of the
-                # id takes them over.
-                made: list[tuple[Callable[..., Any], str, str]] = []
+                # The StatefulSet first, then the ConfigMap and Service it owns: a create
+                # cut short (the control plane killed) leaves either nothing or a
+                # StatefulSet whose companions start() or the next create of the same
+                # spec adds, and the garbage collector removes the companions with it.
+                statefulset, winner = await self._create_statefulset(built.statefulset)
+                if winner:
+                    # Another replica created the same agent a moment ago.
+                    return await self._same_agent(statefulset, spec), False
                 try:
-                    for body, create, read, delete in (
-                        (
-                            built.configmap,
-                            self._core.create_namespaced_config_map,
-                            self._core.read_namespaced_config_map,
-                            self._core.delete_namespaced_config_map,
-                        ),
-                        (
-                            built.service,
-                            self._core.create_namespaced_service,
-                            self._core.read_namespaced_service,
-                            self._core.delete_namespaced_service,
-                        ),
-                    ):
-                        uid = await self._create_or_take_over(
-                            body, spec, create=create, read=read, delete=delete
-                        )
-                        if uid:
-                            made.append((delete, str(body["metadata"]["name"]), uid))
-                    winner = await self._create_statefulset(built.statefulset)
-                    if winner is not None:
-                        # Another replica created the same agent a moment ago.
-                        return await self._same_agent(winner, spec), False
+                    await self._ensure_companions(statefulset, spec)
                 except BaseException:
-                    await self._undo(agent_id, made)
+                    await self._undo(
+                        agent_id,
+                        [
+                            (
+                                self._apps.delete_namespaced_stateful_set,
+                                objects.statefulset_name(agent_id),
+                                _uid(statefulset),
+                            )
+                        ],
+                    )
                     raise
 
                 for_agent(logger, agent_id).info(
@@ -537,7 +531,25 @@ class StatefulSetDriver(Driver):
                 "reusing the retained volume claim %s", objects.pvc_name(agent_id)
             )
 
-    async def _create_or_take_over(
+    async def _ensure_companions(self, statefulset: Obj, spec: AgentSpec) -> None:
+        """Make sure the StatefulSet's ConfigMap and Service exist and are owned by it."""
+        owner_uid = _uid(statefulset)
+        await self._ensure_owned(
+            objects.build_configmap(self._settings, spec, owner_uid=owner_uid),
+            spec,
+            create=self._core.create_namespaced_config_map,
+            read=self._core.read_namespaced_config_map,
+            delete=self._core.delete_namespaced_config_map,
+        )
+        await self._ensure_owned(
+            objects.build_service(self._settings, spec, owner_uid=owner_uid),
+            spec,
+            create=self._core.create_namespaced_service,
+            read=self._core.read_namespaced_service,
+            delete=self._core.delete_namespaced_service,
+        )
+
+    async def _ensure_owned(
         self,
         body: Mapping[str, Any],
         spec: AgentSpec,
@@ -545,45 +557,82 @@ class StatefulSetDriver(Driver):
         create: Callable[..., Any],
         read: Callable[..., Any],
         delete: Callable[..., Any],
-    ) -> str:
-        """Create the object; returns its uid, or "" when an equal one of ours exists already.
+    ) -> None:
+        """Create ``body``, or keep the equal one of ours that exists already.
 
-        One of ours with another spec is left by an interrupted create (there is
-        no StatefulSet) and is replaced; one that is not ours is AlreadyExists.
+        One of ours with another spec or owner is left over from an earlier
+        agent with this id (or an older version that made it unowned) and is
+        replaced; one that is not ours is AlreadyExists.
         """
         name = str(body["metadata"]["name"])
         try:
-            return _uid(await self._create(create, body))
+            await self._create(create, body)
+            return
         except AlreadyExists:
             pass
         found = await self._read(read, name)
         if found is None:
-            return _uid(await self._create(create, body))
+            await self._create(create, body)
+            return
         if not _is_ours(found):
             raise AlreadyExists(
                 f"a {body['kind']} {name} that agentapi-proxy does not manage exists in "
                 f"namespace {self._namespace}; remove it or choose another agent id"
             )
-        if _spec_hash(found) == objects.spec_hash(spec):
-            return ""
+        if _spec_hash(found) == objects.spec_hash(spec) and _owner_uids(found) == _owner_uids(body):
+            return
         for_agent(logger, spec.agent_id).info(
-            "replacing %s %s left over by an interrupted create", body["kind"], name
+            "replacing %s %s left over by an earlier agent with this id", body["kind"], name
         )
         await self._delete(delete, name, uid=_uid(found))
-        return _uid(await self._create(create, body))
+        await self._create(create, body)
 
-    async def _create_statefulset(self, body: Mapping[str, Any]) -> Obj | None:
-        """Create the StatefulSet; returns the existing one if another create won the race."""
+    async def _complete_interrupted_creates(self) -> None:
+        """Add the ConfigMap or Service that a create cut short did not make (see create)."""
+        selector = objects.selector_all()
+        statefulsets, configmaps, services = await asyncio.gather(
+            self._call(
+                self._apps.list_namespaced_stateful_set, self._namespace, label_selector=selector
+            ),
+            self._call(
+                self._core.list_namespaced_config_map, self._namespace, label_selector=selector
+            ),
+            self._call(
+                self._core.list_namespaced_service, self._namespace, label_selector=selector
+            ),
+        )
+        have = {str(obj["metadata"]["name"]) for obj in configmaps["items"] + services["items"]}
+        for statefulset in statefulsets["items"]:
+            if statefulset["metadata"].get("deletionTimestamp") or not _is_ours(statefulset):
+                continue
+            try:
+                spec = objects.spec_from_annotations(statefulset)
+            except AgentApiError as exc:
+                logger.warning("%s", exc.message)
+                continue
+            agent_id = spec.agent_id
+            if {objects.configmap_name(agent_id), objects.service_name(agent_id)} <= have:
+                continue
+            async with self._lock(agent_id):
+                for_agent(logger, agent_id).info("completing a create that was cut short")
+                try:
+                    await self._ensure_companions(statefulset, spec)
+                except AgentApiError as exc:
+                    for_agent(logger, agent_id).warning(
+                        "could not complete its create: %s", exc.message
+                    )
+
+    async def _create_statefulset(self, body: Mapping[str, Any]) -> tuple[Obj, bool]:
+        """Create the StatefulSet; returns it, and whether another create won the race."""
         try:
-            await self._create(self._apps.create_namespaced_stateful_set, body)
+            return await self._create(self._apps.create_namespaced_stateful_set, body), False
         except AlreadyExists:
             existing = await self._read(
                 self._apps.read_namespaced_stateful_set, str(body["metadata"]["name"])
             )
             if existing is None:
                 raise
-            return existing
-        return None
+            return existing, True
 
     async def _create(self, create: Callable[..., Any], body: Mapping[str, Any]) -> Obj:
         try:
@@ -1176,6 +1225,10 @@ def _spec_hash(obj: Mapping[str, Any]) -> str:
     return str(
         ((obj.get("metadata") or {}).get("annotations") or {}).get(objects.ANNOTATION_SPEC_HASH, "")
     )
+
+
+def _owner_uids(obj: Mapping[str, Any]) -> list[str]:
+    return [str(ref.get("uid")) for ref in obj["metadata"].get("ownerReferences") or []]
 
 
 def _uid(obj: Mapping[str, Any]) -> str:

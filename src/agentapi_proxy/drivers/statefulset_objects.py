@@ -528,7 +528,9 @@ def _owned_by_statefulset(meta: ObjectMeta, agent_id: str, owner_uid: str | None
                 "name": statefulset_name(agent_id),
                 "uid": owner_uid,
                 "controller": True,
-                "blockOwnerDeletion": True,
+                # True would need update on statefulsets/finalizers where the
+                # OwnerReferencesPermissionEnforcement admission plugin runs.
+                "blockOwnerDeletion": False,
             }
         ]
 
