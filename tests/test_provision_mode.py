@@ -806,13 +806,17 @@ class TestTroubleshooting:
         )
         assert "no previous run" in (error.details() or "")
 
-        kube.crash_loop("agent-crash1-0", exit_code=3)
+        kube.crash_loop("agent-crash1-0", exit_code=3, last_words="panic: the disk is full\n")
         failed = await watch_until(
             agents, "crash1", lambda a: a.reason == "CrashLoopBackOff" and a.restart_count >= 1
         )
         assert failed.state == pb.AGENT_STATE_FAILED
         assert failed.exit_code == 3 and failed.restart_count >= 1
         assert "exit code 3" in failed.message
+        # GetAgent shows how the failed run ended, as in legacy mode.
+        got = (await agents.GetAgent(pb.GetAgentRequest(agent_id="crash1"))).agent
+        assert got.state == pb.AGENT_STATE_FAILED
+        assert got.log_tail.endswith("panic: the disk is full\n")
 
         kube.stop_crash_loop("agent-crash1-0")
         # WaitAgent gives up on FAILED; the kubelet restarts it anyway, so watch instead.
@@ -820,7 +824,7 @@ class TestTroubleshooting:
         assert recovered.restart_count >= 1
         kube.append_log("agent-crash1-0", "last words of the run before\n", previous=True)
         previous = await read_logs(agents, "crash1", previous=True)
-        assert previous == b"last words of the run before\n"
+        assert previous == b"panic: the disk is full\nlast words of the run before\n"
         await delete_quietly(agents, "crash1")
 
     async def test_agent_that_cannot_be_reached_answers_with_the_api_servers_error(

@@ -72,6 +72,8 @@ class ErrorInjection:
 class CrashLoop:
     exit_code: int = 1
     reason: str = "Error"
+    # What every run prints just before it exits, as a crashing program would.
+    last_words: bytes = b""
 
 
 @dataclass

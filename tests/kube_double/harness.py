@@ -363,11 +363,13 @@ class KubeDouble:
     def clear_image_pull_failure(self, image: str) -> None:
         self._call(lambda: self.cluster.faults.image_pull_failures.pop(image, None))
 
-    def crash_loop(self, pod: str, *, exit_code: int = 1, reason: str = "Error") -> None:
-        """The containers of pod ``pod`` exit with ``exit_code`` shortly after every start."""
-        self._call(
-            lambda: self.cluster.faults.crash_loops.__setitem__(pod, CrashLoop(exit_code, reason))
-        )
+    def crash_loop(
+        self, pod: str, *, exit_code: int = 1, reason: str = "Error", last_words: str = ""
+    ) -> None:
+        """The containers of pod ``pod`` exit with ``exit_code`` shortly after every start,
+        each run printing ``last_words`` to its log just before."""
+        crash = CrashLoop(exit_code, reason, last_words.encode())
+        self._call(lambda: self.cluster.faults.crash_loops.__setitem__(pod, crash))
 
     def stop_crash_loop(self, pod: str) -> None:
         self._call(lambda: self.cluster.faults.crash_loops.pop(pod, None))

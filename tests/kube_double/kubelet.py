@@ -366,6 +366,8 @@ class Kubelet:
                 }
                 container.ready_due = None
                 container.crash_due = None
+                if crash.last_words:
+                    cluster.logs.append(key, crash.last_words)
                 cluster.logs.stop(key)
                 self._event(
                     pod,

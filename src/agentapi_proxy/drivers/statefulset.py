@@ -126,6 +126,10 @@ MAX_CACHED_WARNINGS: Final = 2000
 LOG_CHUNK_BYTES: Final = 64 * 1024
 # How long a log follower waits for a container that is being created.
 LOG_WAIT_SECONDS: Final = 120.0
+# GetAgent of a failed agent shows the end of its log (as the process driver does).
+LOG_TAIL_LINES: Final = 20
+LOG_TAIL_BYTES: Final = 8 * 1024
+LOG_TAIL_SECONDS: Final = 5.0
 LOG_RECHECK_SECONDS: Final = 2.0
 LEFTOVER_RETRY_SECONDS: Final = 2.0
 
@@ -342,7 +346,10 @@ class StatefulSetDriver(Driver):
 
     async def get(self, agent_id: str) -> AgentInfo:
         current = await self._observe(agent_id)
-        return self._info(current.statefulset, current.observed)
+        info = self._info(current.statefulset, current.observed)
+        if info.state is State.FAILED and info.exit_code is not None and current.pod is not None:
+            info = replace(info, log_tail=await self._log_tail(agent_id, current.pod))
+        return info
 
     async def list_agents(self, session_id: str | None = None) -> list[AgentInfo]:
         selector = (
@@ -847,6 +854,34 @@ class StatefulSetDriver(Driver):
         # Not on the board (yet), or the board closed: a plain delay instead.
         await asyncio.sleep(within)
 
+    async def _log_tail(self, agent_id: str, pod: Obj) -> str:
+        """The last lines the failed run printed, or "" when they cannot be read now.
+
+        The run that failed is the previous one once the kubelet restarted the
+        container (CrashLoopBackOff), else the current, terminated one.
+        """
+        assert self._http is not None, "start() first"
+        params = {"tailLines": str(LOG_TAIL_LINES), "limitBytes": str(LOG_TAIL_BYTES)}
+        # While the container waits to be restarted, its current log is the failed run's.
+        if _running_now(pod) and has_previous_run(pod):
+            params["previous"] = "true"
+        url = (
+            f"{self._configuration.host}/api/v1/namespaces/{self._namespace}/pods/"
+            f"{objects.pod_name(agent_id)}/log"
+        )
+        try:
+            async with asyncio.timeout(LOG_TAIL_SECONDS):
+                async with self._http.get(
+                    url, params=params, headers=self._auth_headers(), ssl=self._ssl_argument()
+                ) as response:
+                    if response.status != 200:
+                        return ""
+                    text = await response.text(errors="replace")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            for_agent(logger, agent_id).debug("cannot read the end of its log: %s", exc)
+            return ""
+        return text
+
     async def _read_logs(
         self, agent_id: str, response: aiohttp.ClientResponse, options: LogOptions
     ) -> AsyncIterator[bytes | StreamEnd]:
@@ -1225,6 +1260,11 @@ def _spec_hash(obj: Mapping[str, Any]) -> str:
     return str(
         ((obj.get("metadata") or {}).get("annotations") or {}).get(objects.ANNOTATION_SPEC_HASH, "")
     )
+
+
+def _running_now(pod: Obj) -> bool:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return any((status.get("state") or {}).get("running") for status in statuses)
 
 
 def _owner_uids(obj: Mapping[str, Any]) -> list[str]:
