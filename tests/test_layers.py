@@ -13,10 +13,10 @@ GATEWAY = ROOT / "gateway" / "agentapi_gateway"
 
 CORE = {
     "errors", "ids", "model", "settings", "settings_env", "logconfig", "stateboard", "logs",
-    "shim", "auth", "metrics", "v1", "http_rules",
+    "shim", "auth", "metrics", "v1", "http_rules", "paging", "inotify",
 }  # fmt: skip
 DRIVERS = {"drivers"}
-CONTROL_PLANE = {"service", "status", "traffic", "server", "wire"}
+CONTROL_PLANE = {"service", "status", "traffic", "tunnel", "server", "wire"}
 ENTRY = {"cli", "client_cli", "__main__", "reference_agent", "__init__"}
 LAYER_OF = {
     **{m: 0 for m in CORE},

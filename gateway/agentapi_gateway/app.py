@@ -22,8 +22,8 @@ import grpc
 from aiohttp import web
 from google.protobuf.descriptor import ServiceDescriptor
 
+from agentapi_gateway.connections import ConnectionLimits, GatewaySite, connection_limit
 from agentapi_gateway.control_plane import ControlPlane
-from agentapi_gateway.deadline import HeadDeadlineSite
 from agentapi_gateway.direct import install_direct_path
 from agentapi_gateway.errors import (
     ErrorStatus,
@@ -95,7 +95,13 @@ async def run_gateway(
     )
     await runner.setup()
     try:
-        await HeadDeadlineSite(runner, host, port, seconds=settings.header_timeout_seconds).start()
+        limits = ConnectionLimits(
+            total=connection_limit(settings.max_connections),
+            per_client=settings.max_connections_per_client,
+        )
+        await GatewaySite(
+            runner, host, port, head_seconds=settings.header_timeout_seconds, limits=limits
+        ).start()
     except OSError as exc:
         await runner.cleanup()
         raise FailedPrecondition(

@@ -116,6 +116,10 @@ class GatewaySettings:
     max_json_body_bytes: int = 1_048_576
     # A new connection must send a complete request head within this many seconds.
     header_timeout_seconds: float = 10.0
+    # Client connections held open at most; 0: as many as the descriptor limit allows.
+    max_connections: int = 0
+    # Per client address; 0: no limit (behind a load balancer, which is one address).
+    max_connections_per_client: int = 512
     # How agent traffic travels: "grpc" through the control plane (ProxyHTTP), or
     # "direct" from the gateway to the agent, which it must be able to reach.
     traffic_path: str = "grpc"
@@ -428,6 +432,10 @@ def _check(value: Any, prefix: tuple[str, ...], source_of: Any) -> None:
     elif isinstance(value, GatewaySettings):
         if value.header_timeout_seconds <= 0:
             raise fail("header_timeout_seconds", "more than 0 seconds")
+        if value.max_connections < 0:
+            raise fail("max_connections", "0 (from the descriptor limit) or more")
+        if value.max_connections_per_client < 0:
+            raise fail("max_connections_per_client", "0 (no limit) or more")
         if value.traffic_path not in {"grpc", "direct"}:
             raise fail("traffic_path", "'grpc' or 'direct'")
         if not 0 < value.direct_grant_ttl_seconds <= 60:

@@ -1,0 +1,198 @@
+"""What a connection to the gateway must do to be served: arrive while there is room,
+and send its first request head in time.
+
+aiohttp has no timeout for reading request headers, so a client that sends
+a header line every few seconds would hold its connection and a file
+descriptor for ever (slowloris). Nor does it bound how many connections it
+holds: one client opening thousands would use up the descriptors every
+other client and every agent connection needs. :class:`GatewaySite` wraps
+each connection's HTTP protocol to enforce both. Later requests on a
+kept-alive connection are covered by aiohttp's keep-alive timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+from collections import Counter
+from collections.abc import Callable
+from typing import Final
+
+from aiohttp import web
+
+logger = logging.getLogger(__name__)
+
+_END_OF_HEAD = b"\r\n\r\n"
+# Descriptors kept free of client connections: the control-plane channel, log
+# files, and on the direct path one connection to an agent per proxied request.
+_RESERVED_DESCRIPTORS: Final = 256
+
+
+def connection_limit(configured: int) -> int:
+    """``configured``, or with 0 what the process's descriptor limit leaves room for.
+
+    Every client connection may need a second descriptor (the agent's, on the
+    direct path), so half of what is left after the reserve.
+    """
+    if configured > 0:
+        return configured
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(16, (soft - _RESERVED_DESCRIPTORS) // 2)
+
+
+class ConnectionLimits:
+    """Counts open connections, in all and by client address, and refuses past the limits.
+
+    ``per_client`` 0 means no limit per client (behind a load balancer every
+    client has the balancer's address).
+    """
+
+    def __init__(self, *, total: int, per_client: int) -> None:
+        self.total = total
+        self.per_client = per_client
+        self.open = 0
+        self._by_client: Counter[str] = Counter()
+
+    def admit(self, client: str) -> bytes | None:
+        """Count the connection in; or return the response that refuses it, uncounted."""
+        if self.open >= self.total:
+            return _refusal(
+                503,
+                "UNAVAILABLE",
+                f"the gateway holds its maximum of {self.total} connections; retry shortly",
+            )
+        if self.per_client and self._by_client[client] >= self.per_client:
+            return _refusal(
+                429,
+                "RESOURCE_EXHAUSTED",
+                f"{client} already has {self.per_client} connections open to the gateway "
+                "(gateway.max_connections_per_client); reuse them (keep-alive) or close some",
+            )
+        self.open += 1
+        self._by_client[client] += 1
+        return None
+
+    def release(self, client: str) -> None:
+        self.open -= 1
+        self._by_client[client] -= 1
+        if not self._by_client[client]:
+            del self._by_client[client]
+
+
+def _refusal(status: int, code_name: str, message: str) -> bytes:
+    body = json.dumps({"error": {"code": status, "status": code_name, "message": message}})
+    reason = {429: "Too Many Requests", 503: "Service Unavailable"}[status]
+    return (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        "Content-Type: application/json; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Retry-After: 1\r\n"
+        "Connection: close\r\n\r\n"
+        f"{body}"
+    ).encode()
+
+
+class _Guarded(asyncio.Protocol):
+    """Forwards everything to the HTTP protocol once the connection is admitted;
+    closes a connection slow to send its head."""
+
+    def __init__(
+        self,
+        make_inner: Callable[[], asyncio.Protocol],
+        *,
+        seconds: float,
+        limits: ConnectionLimits,
+    ) -> None:
+        self._make_inner = make_inner
+        self._inner: asyncio.Protocol | None = None
+        self._seconds = seconds
+        self._limits = limits
+        self._client = ""
+        self._tail = b""
+        self._timer: asyncio.TimerHandle | None = None
+        self._transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        self._client = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        refusal = self._limits.admit(self._client)
+        if refusal is not None:
+            logger.info("refusing a connection from %s: too many connections", self._client)
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(refusal)
+            transport.close()
+            return
+        self._timer = asyncio.get_running_loop().call_later(self._seconds, self._expire)
+        self._inner = self._make_inner()
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is None:
+            return
+        if self._timer is not None:
+            # Only the last few bytes matter to find a head's end across chunks.
+            seen = self._tail + data
+            if _END_OF_HEAD in seen:
+                self._timer.cancel()
+                self._timer = None
+            self._tail = seen[-3:]
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._inner is not None:
+            self._limits.release(self._client)
+            self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._transport is not None and not self._transport.is_closing():
+            logger.info("closing a connection that sent no request head in %gs", self._seconds)
+            self._transport.close()
+
+
+class GatewaySite(web.TCPSite):
+    """A TCP site with bounded connections that must send a complete request head in time."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        head_seconds: float,
+        limits: ConnectionLimits,
+    ) -> None:
+        super().__init__(runner, host, port)
+        self._head_seconds = head_seconds
+        self.limits = limits
+
+    async def start(self) -> None:
+        # BaseSite.start registers the site with the runner; the server is made here.
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        factory: Callable[[], asyncio.Protocol] = lambda: _Guarded(  # noqa: E731
+            server, seconds=self._head_seconds, limits=self.limits
+        )
+        self._server = await asyncio.get_running_loop().create_server(
+            factory, self._host, self._port, reuse_address=True
+        )
