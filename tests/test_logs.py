@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from agentapi_proxy import logs, shim
+from agentapi_proxy import inotify, logs, shim
 from agentapi_proxy.errors import InvalidArgument
 from agentapi_proxy.logs import (
     LogRecord,
@@ -118,6 +119,49 @@ class Follower:
 @pytest.fixture
 def log_path(tmp_path: Path) -> Path:
     return tmp_path / "current.log"
+
+
+def inotify_fds() -> dict[int, int]:
+    """Open inotify descriptors of this process and the kernel watches on each."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") != "anon_inode:inotify":
+                continue
+            info = Path(f"/proc/self/fdinfo/{name}").read_text()
+        except OSError:
+            continue
+        found[int(name)] = sum(line.startswith("inotify wd:") for line in info.splitlines())
+    return found
+
+
+def no_inotify(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inotify, "_libc", None)
+    monkeypatch.setattr(inotify, "_libc_error", OSError(errno.ENOSYS, "no inotify"))
+
+
+def watch_limit_reached(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_room(self: object, fd: int, path: Path, mask: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(inotify._Libc, "add_watch", no_room)
+
+
+def events_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Polls so seldom that whatever a follower gets came by an event."""
+    monkeypatch.setattr(logs, "POLL_INTERVAL", 3600.0)
+    monkeypatch.setattr(logs, "SAFETY_POLL_INTERVAL", 3600.0)
+
+
+@pytest.fixture(params=["inotify", "no inotify", "watch limit"])
+def watch_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Following works the same with events and with each reason to poll instead."""
+    mode: str = request.param
+    if mode == "no inotify":
+        no_inotify(monkeypatch)
+    elif mode == "watch limit":
+        watch_limit_reached(monkeypatch)
+    return mode
 
 
 class TestRecordFormat:
@@ -330,6 +374,7 @@ class TestChunks:
         assert chunks[0] == b"short\n"
 
 
+@pytest.mark.usefixtures("watch_mode")
 class TestFollow:
     async def test_existing_then_new_lines_until_stopped(self, log_path: Path) -> None:
         append(log_path, record(0, "stdout", "F", "existing"))
@@ -434,6 +479,123 @@ class TestFollow:
             await stalled.aclose()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux")
+class TestEvents:
+    """With inotify, followers learn of changes from events, not from polling."""
+
+    async def test_new_lines_arrive_by_event(
+        self, log_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        events_only(monkeypatch)
+        append(log_path, record(0, "stdout", "F", "existing"))
+        follower = Follower(log_path, LogOptions(follow=True))
+        await follower.has(b"existing\n")
+        for i in range(1, 4):
+            append(log_path, record(i, "stdout", "F", f"new {i}"))
+            await follower.has(f"new {i}\n".encode())
+        assert await follower.stop() == b"existing\nnew 1\nnew 2\nnew 3\n"
+
+    async def test_creation_restart_and_replacement_arrive_by_event(
+        self, log_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        events_only(monkeypatch)
+        follower = Follower(log_path, LogOptions(follow=True))
+        append(log_path, record(0, "stdout", "F", "first run"))
+        await follower.has(b"first run\n")
+
+        # A restart: the log becomes the previous one, the new run starts a new file.
+        append(log_path, record(1, "stdout", "P", "last words"))
+        os.replace(log_path, log_path.with_name("previous.log"))
+        append(log_path, record(2, "stdout", "F", "second run"))
+        await follower.has(b"second run\n")
+
+        new = log_path.with_name("new.log")
+        append(new, record(3, "stdout", "F", "replaced at once"))
+        new.replace(log_path)
+        await follower.has(b"replaced at once\n")
+        append(log_path, record(4, "stdout", "F", "and written to"))
+        await follower.has(b"and written to\n")
+        assert await follower.stop() == (
+            b"first run\nlast words\nsecond run\nreplaced at once\nand written to\n"
+        )
+
+    async def test_a_directory_created_later(self, tmp_path: Path) -> None:
+        log_path = tmp_path / "agent" / "current.log"
+        follower = Follower(log_path, LogOptions(follow=True))
+        log_path.parent.mkdir()
+        append(log_path, record(0, "stdout", "F", "hello"))
+        await follower.has(b"hello\n")
+        # From then on events tell of changes; polling is only the safety net.
+        assert logs._watches[asyncio.get_running_loop(), log_path].evented
+        append(log_path, record(1, "stdout", "F", "again"))
+        assert await follower.stop() == b"hello\nagain\n"
+
+    async def test_a_file_system_without_events_is_polled(
+        self, log_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # What a network file system does with writes made on another host.
+        monkeypatch.setattr(inotify.Watcher, "_dispatch", lambda self, data: None)
+        monkeypatch.setattr(logs, "SAFETY_POLL_INTERVAL", 0.05)
+        append(log_path, record(0, "stdout", "F", "start"))
+        follower = Follower(log_path, LogOptions(follow=True))
+        await follower.has(b"start\n")
+        watch = logs._watches[asyncio.get_running_loop(), log_path]
+        assert watch.evented
+
+        for i in range(logs.MISSES_BEFORE_POLLING):
+            append(log_path, record(i + 1, "stdout", "F", f"unannounced {i}"))
+            await follower.has(f"unannounced {i}\n".encode())
+        assert not watch.evented
+        append(log_path, record(9, "stdout", "F", "polled"))
+        await follower.has(b"polled\n")
+        await follower.stop()
+
+    async def test_a_burst_comes_in_few_chunks(self, log_path: Path) -> None:
+        append(log_path, record(0, "stdout", "F", "start"))
+        follower = Follower(log_path, LogOptions(follow=True))
+        await follower.has(b"start\n")
+
+        expected = lines_file(log_path, 10_000)
+        await follower.has(expected[-1])
+        burst = follower.chunks[1:]
+        assert b"".join(burst) == b"".join(expected)
+        assert len(burst) <= 10
+        await follower.stop()
+
+    async def test_one_write_costs_each_follower_one_read(
+        self, log_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        events_only(monkeypatch)
+        append(log_path, record(0, "stdout", "F", "start"))
+        agent_deleted = asyncio.Event()
+        followers = [
+            Follower(log_path, LogOptions(follow=True), stopped=agent_deleted) for _ in range(200)
+        ]
+        for follower in followers:
+            await follower.has(b"start\n")
+        # One descriptor, two kernel watches (the file and its directory) for them all.
+        assert sorted(inotify_fds().values()) == [2]
+
+        reads = 0
+        real_pread = logs._pread
+
+        def counting_pread(fd: int, size: int, offset: int, path: Path) -> bytes:
+            nonlocal reads
+            reads += 1
+            return real_pread(fd, size, offset, path)
+
+        monkeypatch.setattr(logs, "_pread", counting_pread)
+        append(log_path, record(1, "stdout", "F", "news"))
+        for follower in followers:
+            await follower.has(b"news\n")
+        assert reads == len(followers)
+
+        agent_deleted.set()
+        for follower in followers:
+            assert await follower.stop() == b"start\nnews\n"
+        assert sorted(inotify_fds().values()) == [0]
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -443,6 +605,7 @@ class TestRelease:
         self, log_path: Path
     ) -> None:
         append(log_path, *(record(i, "stdout", "F", f"l{i}") for i in range(3)))
+        await inotify.close_idle()
         fds, tasks = open_fds(), len(asyncio.all_tasks())
 
         for i in range(200):
@@ -455,18 +618,22 @@ class TestRelease:
                 await follower.task
 
         assert logs._watches == {}
-        await asyncio.sleep(0)
+        # Kernel watches go with the last follower; the idle descriptor a little later.
+        assert sum(inotify_fds().values()) == 0
+        await inotify.close_idle()
         assert open_fds() == fds
         assert len(asyncio.all_tasks()) == tasks
 
     async def test_closed_iterators_release_their_file(self, log_path: Path) -> None:
         lines_file(log_path, 1000)
+        await inotify.close_idle()
         fds = open_fds()
         for _ in range(200):
             iterator = read_log(log_path, LogOptions(follow=True), chunk_bytes=64)
             await anext(iterator)
             await iterator.aclose()
         assert logs._watches == {}
+        await inotify.close_idle()
         assert open_fds() == fds
 
 

@@ -17,13 +17,19 @@ end of a log ends the output without ``"\\n"``.
 
 Following. Every follower of a file reads from its own offset at its own pace,
 so a slow one holds at most about two chunks and never delays the others or
-the agent. Followers of one path share one watcher task that stats the file
-every :data:`POLL_INTERVAL` seconds while anyone follows it and wakes them when
-it changed; one more task per ``stopped`` event wakes them when it is set.
-Reads are bounded (:data:`READ_SIZE`) and made on the event loop: they hit a
-local file that was just written, so the page cache answers them in
-microseconds, and a thread hop per read would cost more than the read with
-hundreds of followers.
+the agent. Followers of one path share one :class:`_Watch`, which wakes them
+when the file changes or is replaced; each woken follower reads all that is
+there, so lines written in a burst go out in few chunks. On Linux the watch
+learns of changes from inotify (:mod:`agentapi_proxy.inotify`, one descriptor
+per event loop): a watch on the file for writes, and one on its directory for
+the file being created, replaced or removed. It also stats the path every
+:data:`SAFETY_POLL_INTERVAL` seconds, and every :data:`POLL_INTERVAL` seconds
+where inotify cannot tell it everything (no inotify, watch limit reached,
+directory missing, or a file system seen changing without events). One more
+task per ``stopped`` event wakes the followers when it is set. Reads are
+bounded (:data:`READ_SIZE`) and made on the event loop: they hit a local file
+that was just written, so the page cache answers them in microseconds, and a
+thread hop per read would cost more than the read with hundreds of followers.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
+from agentapi_proxy import inotify
 from agentapi_proxy.errors import Internal, InvalidArgument
 from agentapi_proxy.model import LogOptions
 from agentapi_proxy.shim import MAX_RECORD_CONTENT, format_timestamp
@@ -47,6 +54,7 @@ __all__ = [
     "MAX_RECORD_CONTENT",
     "POLL_INTERVAL",
     "READ_SIZE",
+    "SAFETY_POLL_INTERVAL",
     "LogRecord",
     "format_timestamp",
     "parse_record",
@@ -57,8 +65,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# One stat() per followed file per interval; this is the write-to-reader latency.
+# Without events, one stat() per followed file per interval: the write-to-reader latency.
 POLL_INTERVAL = 0.02
+# With events, still one stat() per followed file per interval, so that an event
+# lost anyhow (a queue overflow, a file system that delivers none for writes made
+# on another host, a kernel quirk) delays a follower by this much, never for ever.
+SAFETY_POLL_INTERVAL = 1.0
+# Polls that saw a change no event told of, with no event in between, before the
+# watch stops trusting events; one such poll can be a write caught half-way.
+MISSES_BEFORE_POLLING = 2
 READ_SIZE = 64 * 1024
 DEFAULT_CHUNK_BYTES = 64 * 1024
 # A record line longer than this is not one we or a container runtime wrote;
@@ -223,8 +238,14 @@ class _Cursor:
             raise Internal(f"cannot read log {self.path}: {exc.strerror}") from exc
 
     def read_into(self, assembler: _LineAssembler) -> bool:
-        """Feeds the complete records of the next block; False at the end of the file."""
+        """Feeds the complete records of the next block; False once at the end of the file.
+
+        A block shorter than :data:`READ_SIZE` is the end: that is what a short
+        read of a regular file means, and it spares every follower an empty
+        read per wake-up.
+        """
         data = _pread(self.fd, READ_SIZE, self.offset, self.path)
+        more = len(data) == READ_SIZE
         if not data:
             return False
         self.offset += len(data)
@@ -232,7 +253,7 @@ class _Cursor:
         if self._discarding:
             newline = data.find(b"\n")
             if newline < 0:
-                return True
+                return more
             data = data[newline + 1 :]
             self._discarding = False
         buf = self._carry + data if self._carry else data
@@ -246,7 +267,7 @@ class _Cursor:
             assembler.malformed += 1
             self._carry = b""
             self._discarding = True
-        return True
+        return more
 
     def close(self) -> None:
         os.close(self.fd)
@@ -377,8 +398,20 @@ class _Follower:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+_FILE_EVENTS = inotify.IN_MODIFY | inotify.IN_ATTRIB | inotify.IN_MOVE_SELF | inotify.IN_DELETE_SELF
+_DIRECTORY_EVENTS = (
+    inotify.IN_CREATE
+    | inotify.IN_MOVED_TO
+    | inotify.IN_MOVED_FROM
+    | inotify.IN_DELETE
+    | inotify.IN_MOVE_SELF
+    | inotify.IN_DELETE_SELF
+    | inotify.IN_ONLYDIR
+)
+
+
 class _Watch:
-    """Stats one path while it has followers and wakes them when it changes or they stop.
+    """Watches one path while it has followers and wakes them when it changes or they stop.
 
     Followers usually share their ``stopped`` event (one per agent), so one
     task per distinct event waits for it, instead of one per follower.
@@ -390,8 +423,15 @@ class _Watch:
         self.followers: set[_Follower] = set()
         # (device, inode) of the path at the last look; None when missing.
         self.identity: tuple[int, int] | None = None
-        self._state = self._look()
+        self._state: tuple[int, int, int, int] | None = None
         self._stop_waits: dict[asyncio.Event, tuple[asyncio.Task[None], int]] = {}
+        self._file_events: inotify.Subscription | None = None
+        self._directory_events: inotify.Subscription | None = None
+        # Whether some event came since the last poll, and polls since that saw a change.
+        self._noticed = False
+        self._misses = 0
+        self._closed = False
+        self._refresh()
         self._task = asyncio.create_task(self._poll(), name=f"log-watch {self.path}")
 
     def add(self, follower: _Follower) -> None:
@@ -414,7 +454,26 @@ class _Watch:
             else:
                 self._stop_waits[stopped] = task, users - 1
         if not self.followers:
-            self._task.cancel()
+            self._close()
+
+    @property
+    def evented(self) -> bool:
+        """Whether events tell of every change, so that polling is only a safety net."""
+        if self._misses >= MISSES_BEFORE_POLLING:
+            return False
+        directory = self._directory_events
+        if directory is None or not directory.active:
+            return False
+        file = self._file_events
+        return self.identity is None or (file is not None and file.active)
+
+    def _close(self) -> None:
+        self._closed = True
+        self._task.cancel()
+        for subscription in (self._file_events, self._directory_events):
+            if subscription is not None:
+                subscription.cancel()
+        self._file_events = self._directory_events = None
 
     def _look(self) -> tuple[int, int, int, int] | None:
         try:
@@ -426,14 +485,68 @@ class _Watch:
         self.identity = (stat.st_dev, stat.st_ino)
         return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
+    def _refresh(self) -> None:
+        """Points the watches at what the path and its directory name now, then looks.
+
+        The kernel watches inodes: after the file or the directory was replaced,
+        a new watch is needed for the new one. Watching comes before looking, so
+        that a change after the look cannot go without an event. The new
+        subscriptions are made before the old ones are cancelled, so a kernel
+        watch still in use is kept, not removed and added again.
+        """
+        if self._closed:
+            return
+        directory = inotify.subscribe(
+            self.path.parent, _DIRECTORY_EVENTS, self._on_directory_event, name=self.path.name
+        )
+        file = inotify.subscribe(self.path, _FILE_EVENTS, self._on_file_event)
+        for old in (self._directory_events, self._file_events):
+            if old is not None:
+                old.cancel()
+        self._directory_events, self._file_events = directory, file
+        self._state = self._look()
+
+    def _on_file_event(self, mask: int) -> None:
+        self._noticed = True
+        if mask & ~inotify.IN_MODIFY:
+            # Moved, deleted, unmounted, or events were lost: the path may name another file.
+            self._refresh()
+        self._wake_all()
+
+    def _on_directory_event(self, mask: int) -> None:
+        self._noticed = True
+        self._refresh()
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        for follower in self.followers:
+            follower.wake.set()
+
     async def _poll(self) -> None:
         while True:
-            await asyncio.sleep(POLL_INTERVAL)
+            evented = self.evented
+            await asyncio.sleep(SAFETY_POLL_INTERVAL if evented else POLL_INTERVAL)
+            if evented:
+                # An event may be queued but not yet read: it is not a missed one.
+                inotify.read_pending()
+            noticed, self._noticed = self._noticed, False
+            if noticed:
+                self._misses = 0
+
+            identity = self.identity
             state = self._look()
-            if state != self._state:
-                self._state = state
-                for follower in self.followers:
-                    follower.wake.set()
+            if state == self._state:
+                continue
+            self._state = state
+            if evented and noticed and self.identity == identity:
+                # Events told of this change and the followers were woken then.
+                continue
+            if evented and not noticed:
+                self._misses += 1
+                if self._misses == MISSES_BEFORE_POLLING:
+                    logger.info("no file events for %s, polling it instead", self.path)
+            self._refresh()
+            self._wake_all()
 
     async def _wake_on(self, stopped: asyncio.Event) -> None:
         await stopped.wait()
@@ -531,11 +644,15 @@ async def read_log(
                 cursor = _Cursor.open(path)
 
             if cursor is not None:
-                while cursor.read_into(assembler):
+                while True:
+                    more = cursor.read_into(assembler)
                     for chunk in output.chunks(flush=False):
                         yield chunk
                     if output.exhausted:
                         return
+                    if not more:
+                        break
+                    # Catching up on a large file: let the other followers have a turn.
                     await asyncio.sleep(0)
 
                 if replaced:
