@@ -18,6 +18,7 @@ import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from agentapi_gateway.tunnel import Tunnels
 from agentapi_proxy.v1 import agent_service_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class ControlPlane:
         self.stub = pb_grpc.AgentServiceStub(self.channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._open_streams: set[grpc.aio.Call] = set()
+        # Agent traffic whose request is whole at hand (agentapi_gateway.tunnel).
+        self.tunnels = Tunnels(self.channel)
 
     def rpc(self, name: str) -> Any:
         """The stub's multi-callable for the RPC called ``name``."""
@@ -80,11 +83,14 @@ class ControlPlane:
             call.cancel()
 
     def cancel_streams(self) -> int:
-        """Cancel every open streaming call (at shutdown); returns how many there were."""
+        """Cancel every open streaming call and tunnel exchange (at shutdown); returns how many.
+
+        Agent traffic goes through ProxyHTTP from then on.
+        """
         calls = list(self._open_streams)
         for call in calls:
             call.cancel()
-        return len(calls)
+        return len(calls) + self.tunnels.break_off()
 
     async def health(self) -> str:
         """The control plane's health status name, e.g. "SERVING"; raises grpc.RpcError."""
@@ -96,5 +102,6 @@ class ControlPlane:
         return cast(str, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     async def close(self) -> None:
-        """Close the channel; calls still open end with CANCELLED."""
+        """Close the tunnel and the channel; calls still open end with CANCELLED."""
+        await self.tunnels.close()
         await self.channel.close(None)

@@ -9,10 +9,13 @@ body, only to one chunk.
 
 Every gRPC message is a batch of its own at both ends, so small exchanges
 take shortcuts. A request without a body, or with a declared body of at most
-one chunk, is read first and sent as one message that also half-closes the
-call (a unary-stream invocation of the same method: the client's cardinality
-is not part of gRPC's wire format). A small complete response comes back as
-one message (``end_of_body``) and goes to the client in one write.
+one chunk, is read first and sent as one frame of the gateway's TunnelHTTP
+stream (:mod:`agentapi_gateway.tunnel`), which carries many exchanges in
+each message. Only when the control plane has no tunnel to offer does such a
+request go as one ProxyHTTP message that also half-closes the call (a
+unary-stream invocation of the same method: the client's cardinality is not
+part of gRPC's wire format). A small complete response comes back as one
+message or frame (``end_of_body``) and goes to the client in one write.
 
 Before the agent's head arrives a failure is answered with its mapped
 status (404 unknown agent, 503 agent or control plane unreachable). After
@@ -54,6 +57,7 @@ from agentapi_gateway.headers import (
     credential_metadata,
 )
 from agentapi_gateway.routes import HttpBinding
+from agentapi_gateway.tunnel import TunnelExchange, TunnelFailed, error_status
 from agentapi_proxy.errors import AgentApiError, InvalidArgument
 from agentapi_proxy.v1 import agent_service_pb2 as pb
 
@@ -101,6 +105,13 @@ def proxy_handler(binding: HttpBinding, *, control_plane: ControlPlaneLookup) ->
 
         head = outgoing.head()
         if body is not None:
+            tunnel = await plane.tunnels.get(metadata)
+            if tunnel is not None:
+                exchange = tunnel.start(head, body=body, credentials=metadata)
+                try:
+                    return await _relay_exchange(request, exchange, agent_id=head.agent_id)
+                finally:
+                    exchange.close()
             message = pb.ProxyHTTPRequest(head=head, body=body, end_of_body=True)
             call: ProxyCall = whole_request.on(plane)(
                 message, metadata=metadata, wait_for_ready=False
@@ -272,6 +283,67 @@ async def _relay_response(
             exc.code().name,
             exc.details(),
         )
+        break_off(request)
+    except ConnectionError:
+        logger.debug("agent %s: client left during the response", agent_id)
+    return response
+
+
+async def _relay_exchange(
+    request: web.Request, exchange: TunnelExchange, *, agent_id: str
+) -> web.StreamResponse:
+    """Answer the client from a tunnel exchange, as :func:`_relay_response` does from a call."""
+    try:
+        first = await exchange.next()
+    except TunnelFailed as exc:
+        return error_response(exc.status)
+    if first.HasField("error"):
+        return error_response(error_status(first.error))
+    head = first.head
+    if not first.HasField("head") or not 100 <= head.status <= 599:
+        return error_response(
+            ErrorStatus(
+                grpc.StatusCode.INTERNAL,
+                f"the agent answered an invalid status {head.status}"
+                if first.HasField("head")
+                else "the control plane sent no response head",
+            )
+        )
+
+    headers = client_response_headers((h.name, h.value) for h in head.headers)
+    headers.setdefault("X-Accel-Buffering", STREAM_HEADERS["X-Accel-Buffering"])
+    if first.end_of_body:
+        # The whole response is here: status line, headers and body in one write.
+        whole = web.Response(status=head.status, headers=headers, body=first.body)
+        try:
+            await whole.prepare(request)
+            await whole.write_eof()
+        except ConnectionError:
+            logger.debug("agent %s: client left before the response", agent_id)
+        return whole
+
+    response = web.StreamResponse(status=head.status, headers=headers)
+    try:
+        await response.prepare(request)
+        frame = first
+        while True:
+            if frame.body:
+                await response.write(frame.body)
+                exchange.written(len(frame.body))
+            if frame.end_of_body:
+                break
+            frame = await exchange.next()
+            if frame.HasField("error") or frame.HasField("head"):
+                logger.info(
+                    "agent %s: response broken off after its head: %s",
+                    agent_id,
+                    frame.error.message or "a second response head",
+                )
+                break_off(request)
+                return response
+        await response.write_eof()
+    except TunnelFailed as exc:
+        logger.info("agent %s: response broken off after its head: %s", agent_id, exc)
         break_off(request)
     except ConnectionError:
         logger.debug("agent %s: client left during the response", agent_id)

@@ -14,7 +14,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -32,7 +32,8 @@ from agentapi_proxy.ids import (
 from agentapi_proxy.model import AgentInfo, AgentSpec, LogOptions, State, StreamEnd
 from agentapi_proxy.paging import page_of, page_query
 from agentapi_proxy.settings import ServerSettings
-from agentapi_proxy.traffic import TrafficRelay
+from agentapi_proxy.traffic import ResponsePart, TrafficRelay
+from agentapi_proxy.tunnel import TunnelSession
 from agentapi_proxy.v1 import agent_service_pb2 as pb
 from agentapi_proxy.v1 import agent_service_pb2_grpc as pb_grpc
 from agentapi_proxy.wire import STATE_FROM_PB, agent_to_pb
@@ -50,6 +51,9 @@ MAX_WAIT = timedelta(seconds=600)
 # The longest a gateway may act on one GrantAgentAccess answer: how soon a deleted
 # agent or a revoked key is noticed on the direct path at the latest.
 GRANT_LIFETIME = timedelta(seconds=10)
+# The method label of one exchange of a TunnelHTTP stream in the RPC metrics: each counts
+# like a ProxyHTTP call; the stream itself counts as "TunnelHTTP".
+TUNNEL_EXCHANGE = "TunnelHTTP.exchange"
 MAX_ENV_ENTRIES = 128
 MAX_ENV_VALUE_BYTES = 32 * 1024
 # Labels travel in every Agent message: they are bounded so that a ListAgents page stays small.
@@ -391,6 +395,64 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
         async for message in self._relay.relay(request_iterator, authorize=authorize):
             yield message
+
+    async def TunnelHTTP(
+        self, request_iterator: AsyncIterator[pb.TunnelHTTPRequest], context: Context
+    ) -> AsyncIterator[pb.TunnelHTTPResponse]:
+        """The gateway's stream of many exchanges (:mod:`agentapi_proxy.tunnel`).
+
+        The caller that opens it must authenticate, but gets nothing by it:
+        each exchange is checked on its own credentials by
+        :meth:`_tunnel_exchange`. The stream takes no stream slot of its
+        opener's; each exchange takes one of its own caller's.
+        """
+        open_streams = metrics.OPEN_STREAMS.labels("TunnelHTTP")
+        open_streams.inc()
+        try:
+            async with _served("TunnelHTTP", context, authenticator=self._authenticator):
+                self._check_not_shutting_down()
+                # Tells the gateway the stream was accepted before any exchange is sent.
+                await context.send_initial_metadata(())
+                session = TunnelSession(
+                    self._tunnel_exchange, accepting=lambda: not self._shutting_down
+                )
+                async for message in session.serve(request_iterator):
+                    yield message
+        finally:
+            open_streams.dec()
+
+    async def _tunnel_exchange(
+        self, start: pb.TunnelExchangeStart
+    ) -> AsyncGenerator[ResponsePart, None]:
+        """One tunnel exchange, authenticated, authorized and counted as a ProxyHTTP call is.
+
+        Runs in a task of its own, so the principal set here is this
+        exchange's alone. Raises the project's errors.
+        """
+        started = time.perf_counter()
+        code = "OK"
+        open_streams = metrics.OPEN_STREAMS.labels(TUNNEL_EXCHANGE)
+        open_streams.inc()
+        try:
+            credentials = [(h.name, h.value) for h in start.credentials]
+            _principal.set(self._authenticator.principal(credentials))
+
+            async def authorize(agent_id: str) -> None:
+                await self._visible(agent_id, Permission.ACCESS)
+
+            with self._stream_slot():
+                async for part in self._relay.exchange(
+                    start.head, body=start.body, end_of_body=True, authorize=authorize
+                ):
+                    yield part
+        except BaseException as exc:
+            code = _code_of(exc)
+            raise
+        finally:
+            open_streams.dec()
+            if code not in {"OK", "CANCELLED"}:
+                metrics.RPC_ERRORS.labels(TUNNEL_EXCHANGE, code).inc()
+            metrics.RPC_LATENCY.labels(TUNNEL_EXCHANGE, code).observe(time.perf_counter() - started)
 
     @_unary
     async def GrantAgentAccess(

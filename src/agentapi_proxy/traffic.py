@@ -1,4 +1,4 @@
-"""Carries one HTTP exchange from a ProxyHTTP stream to an agent's server.
+"""Carries one HTTP exchange from a ProxyHTTP stream, or a tunnel, to an agent's server.
 
 Bodies flow in both directions chunk by chunk, so SSE events reach the
 caller as the agent sends them and no body is held whole in memory.
@@ -9,6 +9,9 @@ So an exchange is carried in as few messages as it allows: a request whose
 body the caller had in hand arrives as one message (``end_of_body`` set), and
 a response whose body is small and complete leaves as one message with its
 head. Everything else streams as before.
+
+A TunnelHTTP exchange (:mod:`agentapi_proxy.tunnel`) is relayed by the same
+:meth:`TrafficRelay.exchange`, so both paths apply the same rules.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Final
+from typing import Final, NamedTuple
 
 import aiohttp
 from yarl import URL
@@ -50,6 +53,17 @@ _TO_AGENT = metrics.PROXIED_BYTES.labels("to_agent")
 _FROM_AGENT = metrics.PROXIED_BYTES.labels("from_agent")
 
 
+class ResponsePart(NamedTuple):
+    """One step of an agent's response, as :meth:`TrafficRelay.exchange` yields it."""
+
+    # The status and end-to-end headers; set on the first part only.
+    head: pb.HTTPResponseHead | None
+    body: bytes
+    # The body is complete with this part. A body may also end without it, when
+    # the parts end.
+    end_of_body: bool
+
+
 def check_head(head: pb.HTTPRequestHead) -> int | None:
     """Raise InvalidArgument for a head that is not a clean HTTP request; returns its
     declared Content-Length."""
@@ -73,7 +87,7 @@ def agent_headers(head: pb.HTTPRequestHead, endpoint: Endpoint) -> list[tuple[st
 
 
 class TrafficRelay:
-    """Relays ProxyHTTP calls to agents over one shared HTTP client.
+    """Relays exchanges (ProxyHTTP calls, tunnel exchanges) to agents over one HTTP client.
 
     Every call is authorized anew; the agent's endpoint is remembered for
     ENDPOINT_TTL_SECONDS and forgotten as soon as the agent does not answer
@@ -111,19 +125,45 @@ class TrafficRelay:
         *,
         authorize: Callable[[str], Awaitable[None]],
     ) -> AsyncIterator[pb.ProxyHTTPResponse]:
-        """Yields the response: its head, then its body, in as few messages as it can.
+        """Relays one ProxyHTTP call: :meth:`exchange` with the call's messages.
 
-        A response whose body is small (up to CHUNK_BYTES) and complete is one
-        message with ``end_of_body`` set; any other body follows its head in
-        chunks as the agent sends them. Raises the project's errors.
+        Raises InvalidArgument when the first message has no head, and what
+        :meth:`exchange` raises.
+        """
+        first = await anext(requests, None)
+        if first is None or not first.HasField("head"):
+            raise InvalidArgument("the first ProxyHTTP message must carry the request head")
+        async for part in self.exchange(
+            first.head,
+            body=first.body,
+            end_of_body=first.end_of_body,
+            rest=requests,
+            authorize=authorize,
+        ):
+            yield pb.ProxyHTTPResponse(head=part.head, body=part.body, end_of_body=part.end_of_body)
+
+    async def exchange(
+        self,
+        head: pb.HTTPRequestHead,
+        *,
+        body: bytes,
+        end_of_body: bool,
+        rest: AsyncIterator[pb.ProxyHTTPRequest] | None = None,
+        authorize: Callable[[str], Awaitable[None]],
+    ) -> AsyncIterator[ResponsePart]:
+        """Yields the agent's response: its head, then its body, in as few parts as it can.
+
+        ``body`` is the start of the request body, all of it when
+        ``end_of_body`` is set; otherwise the rest follows in the messages of
+        ``rest``. A response whose body is small (up to CHUNK_BYTES) and
+        complete is one part with ``end_of_body`` set; any other body follows
+        its head in chunks as the agent sends them, and the last part is the
+        last chunk. Whoever iterates sets the pace: the agent's response is
+        read only as fast as parts are taken. Raises the project's errors.
         ``authorize(agent_id)`` runs before anything is sent and raises when
         the caller may not reach that agent.
         """
         assert self._session is not None, "start() first"
-        first = await anext(requests, None)
-        if first is None or not first.HasField("head"):
-            raise InvalidArgument("the first ProxyHTTP message must carry the request head")
-        head = first.head
         declared = check_head(head)
         await authorize(head.agent_id)
         endpoint = await self._endpoint(head.agent_id)
@@ -136,15 +176,16 @@ class TrafficRelay:
         # A misuse of the stream found while the body is being sent; aiohttp would
         # report it as a failed connection to the agent.
         misuse: list[AgentApiError] = []
-        if has_body and first.end_of_body:
-            if declared is not None and declared != len(first.body):
+        if has_body and (end_of_body or rest is None):
+            if declared is not None and declared != len(body):
                 raise InvalidArgument(
-                    f"the body has {len(first.body)} bytes, Content-Length says {declared}"
+                    f"the body has {len(body)} bytes, Content-Length says {declared}"
                 )
-            _TO_AGENT.inc(len(first.body))
-            data = first.body
+            _TO_AGENT.inc(len(body))
+            data = body
         elif has_body:
-            data = _body(first.body, requests, declared=declared, misuse=misuse)
+            assert rest is not None
+            data = _body(body, rest, declared=declared, misuse=misuse)
 
         target = endpoint.base_url.rstrip("/") + head.path
         if head.query:
@@ -170,14 +211,14 @@ class TrafficRelay:
                 complete = content.is_eof() and content.total_bytes <= CHUNK_BYTES
                 if complete or (length is not None and length <= CHUNK_BYTES):
                     # Bounded: the whole body is at most CHUNK_BYTES.
-                    body = await content.read()
-                    _FROM_AGENT.inc(len(body))
-                    yield pb.ProxyHTTPResponse(head=response_head, body=body, end_of_body=True)
+                    whole = await content.read()
+                    _FROM_AGENT.inc(len(whole))
+                    yield ResponsePart(response_head, whole, True)
                     return
-                yield pb.ProxyHTTPResponse(head=response_head)
+                yield ResponsePart(response_head, b"", False)
                 async for chunk in content.iter_chunked(CHUNK_BYTES):
                     _FROM_AGENT.inc(len(chunk))
-                    yield pb.ProxyHTTPResponse(body=chunk)
+                    yield ResponsePart(None, chunk, False)
         except (aiohttp.ClientError, TimeoutError) as exc:
             if misuse:
                 raise misuse[0] from exc

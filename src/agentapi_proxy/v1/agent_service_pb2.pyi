@@ -298,3 +298,63 @@ class GrantAgentAccessResponse(_message.Message):
     host: str
     expire_time: _timestamp_pb2.Timestamp
     def __init__(self, base_url: _Optional[str] = ..., host: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class TunnelHTTPRequest(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[TunnelRequestFrame]
+    def __init__(self, frames: _Optional[_Iterable[_Union[TunnelRequestFrame, _Mapping]]] = ...) -> None: ...
+
+class TunnelRequestFrame(_message.Message):
+    __slots__ = ("exchange_id", "start", "window_update", "cancel")
+    EXCHANGE_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    exchange_id: int
+    start: TunnelExchangeStart
+    window_update: int
+    cancel: bool
+    def __init__(self, exchange_id: _Optional[int] = ..., start: _Optional[_Union[TunnelExchangeStart, _Mapping]] = ..., window_update: _Optional[int] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
+class TunnelExchangeStart(_message.Message):
+    __slots__ = ("head", "credentials", "body")
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    head: HTTPRequestHead
+    credentials: _containers.RepeatedCompositeFieldContainer[HTTPHeader]
+    body: bytes
+    def __init__(self, head: _Optional[_Union[HTTPRequestHead, _Mapping]] = ..., credentials: _Optional[_Iterable[_Union[HTTPHeader, _Mapping]]] = ..., body: _Optional[bytes] = ...) -> None: ...
+
+class TunnelHTTPResponse(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[TunnelResponseFrame]
+    def __init__(self, frames: _Optional[_Iterable[_Union[TunnelResponseFrame, _Mapping]]] = ...) -> None: ...
+
+class TunnelResponseFrame(_message.Message):
+    __slots__ = ("exchange_id", "head", "body", "end_of_body", "error")
+    EXCHANGE_ID_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    END_OF_BODY_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    exchange_id: int
+    head: HTTPResponseHead
+    body: bytes
+    end_of_body: bool
+    error: TunnelError
+    def __init__(self, exchange_id: _Optional[int] = ..., head: _Optional[_Union[HTTPResponseHead, _Mapping]] = ..., body: _Optional[bytes] = ..., end_of_body: _Optional[bool] = ..., error: _Optional[_Union[TunnelError, _Mapping]] = ...) -> None: ...
+
+class TunnelError(_message.Message):
+    __slots__ = ("code", "message", "reason", "retry_after_seconds")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    reason: str
+    retry_after_seconds: float
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ..., retry_after_seconds: _Optional[float] = ...) -> None: ...

@@ -80,6 +80,11 @@ class AgentServiceStub:
                 request_serializer=agentapi__proxy_dot_v1_dot_agent__service__pb2.ProxyHTTPRequest.SerializeToString,
                 response_deserializer=agentapi__proxy_dot_v1_dot_agent__service__pb2.ProxyHTTPResponse.FromString,
                 _registered_method=True)
+        self.TunnelHTTP = channel.stream_stream(
+                '/agentapi_proxy.v1.AgentService/TunnelHTTP',
+                request_serializer=agentapi__proxy_dot_v1_dot_agent__service__pb2.TunnelHTTPRequest.SerializeToString,
+                response_deserializer=agentapi__proxy_dot_v1_dot_agent__service__pb2.TunnelHTTPResponse.FromString,
+                _registered_method=True)
         self.GrantAgentAccess = channel.unary_unary(
                 '/agentapi_proxy.v1.AgentService/GrantAgentAccess',
                 request_serializer=agentapi__proxy_dot_v1_dot_agent__service__pb2.GrantAgentAccessRequest.SerializeToString,
@@ -163,6 +168,25 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TunnelHTTP(self, request_iterator, context):
+        """The gateway's internal fast path for agent traffic; gRPC clients use
+        ProxyHTTP. One long-lived stream carries many HTTP exchanges at once,
+        each message a batch of frames that name their exchange, so that a small
+        exchange does not cost gRPC messages of its own. Only requests whose
+        whole body is at hand (at most 64 KiB) travel here; others use ProxyHTTP.
+
+        Opening the stream needs an authenticated caller and grants nothing by
+        itself: every exchange carries its caller's credentials and is
+        authenticated and authorized on them exactly as a ProxyHTTP call is, and
+        fails with the same status, sent as an error frame. A response body that
+        streams is sent against credit that the gateway returns as it writes to
+        its client (window updates), so one slow client stalls only its own
+        exchange. No REST binding: this is not an API for callers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GrantAgentAccess(self, request, context):
         """Tells a gateway that can reach agents itself where to send an agent's
         HTTP traffic, and until when it may do so without asking again: the
@@ -219,6 +243,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ProxyHTTP,
                     request_deserializer=agentapi__proxy_dot_v1_dot_agent__service__pb2.ProxyHTTPRequest.FromString,
                     response_serializer=agentapi__proxy_dot_v1_dot_agent__service__pb2.ProxyHTTPResponse.SerializeToString,
+            ),
+            'TunnelHTTP': grpc.stream_stream_rpc_method_handler(
+                    servicer.TunnelHTTP,
+                    request_deserializer=agentapi__proxy_dot_v1_dot_agent__service__pb2.TunnelHTTPRequest.FromString,
+                    response_serializer=agentapi__proxy_dot_v1_dot_agent__service__pb2.TunnelHTTPResponse.SerializeToString,
             ),
             'GrantAgentAccess': grpc.unary_unary_rpc_method_handler(
                     servicer.GrantAgentAccess,
@@ -448,6 +477,33 @@ class AgentService:
             '/agentapi_proxy.v1.AgentService/ProxyHTTP',
             agentapi__proxy_dot_v1_dot_agent__service__pb2.ProxyHTTPRequest.SerializeToString,
             agentapi__proxy_dot_v1_dot_agent__service__pb2.ProxyHTTPResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TunnelHTTP(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/agentapi_proxy.v1.AgentService/TunnelHTTP',
+            agentapi__proxy_dot_v1_dot_agent__service__pb2.TunnelHTTPRequest.SerializeToString,
+            agentapi__proxy_dot_v1_dot_agent__service__pb2.TunnelHTTPResponse.FromString,
             options,
             channel_credentials,
             insecure,

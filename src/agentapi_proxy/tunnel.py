@@ -1,0 +1,234 @@
+"""The control plane's end of TunnelHTTP: many HTTP exchanges over one stream.
+
+Each gRPC message costs a batch of its own on both ends, whatever it holds,
+so the gateway carries many small exchanges in one long-lived stream and
+each message holds as many frames as were ready when it was sent. One
+reader loop takes the gateway's frames and starts an exchange task per
+request; one writer sends every frame queued by then in one message. Under
+load, frames pile up while a message is being written, so one message
+carries many exchanges.
+
+Every exchange is checked on its own credentials (the ``run`` callback
+does that, as ProxyHTTP would); the stream itself grants nothing.
+
+A response body that streams is sent against credit: up to WINDOW_BYTES
+that the gateway has not yet written to its client. An exchange out of
+credit stops reading from its agent until the gateway returns some, so one
+slow client neither stalls the other exchanges nor fills memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, Final
+
+from agentapi_proxy import errors, status
+from agentapi_proxy.traffic import ResponsePart
+from agentapi_proxy.v1 import agent_service_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+# Response body bytes one exchange may have sent that the gateway has not yet written.
+WINDOW_BYTES: Final = 256 * 1024
+# A message holds frames up to this size, or one frame if that alone is larger: no
+# message is larger than a ProxyHTTP message, whatever the receiver's size limit.
+BATCH_BYTES: Final = 64 * 1024
+# Loop iterations a writer waits at most for more frames before it sends.
+GATHER_ROUNDS: Final = 1
+
+ExchangeRunner = Callable[[pb.TunnelExchangeStart], AsyncGenerator[ResponsePart, None]]
+
+
+def take_batch(queue: list[pb.TunnelResponseFrame]) -> list[pb.TunnelResponseFrame]:
+    """Remove and return the frames at the head of ``queue`` that fit in one message."""
+    if len(queue) == 1:
+        return [queue.pop()]
+    size = 0
+    count = 0
+    for frame in queue:
+        size += frame.ByteSize()
+        if count and size > BATCH_BYTES:
+            break
+        count += 1
+    batch = queue[:count]
+    del queue[:count]
+    return batch
+
+
+def error_frame(exchange_id: int, exc: BaseException) -> pb.TunnelResponseFrame:
+    """The frame that ends an exchange with the status a ProxyHTTP call would end with."""
+    if not isinstance(exc, errors.AgentApiError):
+        logger.error("tunnel exchange %d failed", exchange_id, exc_info=exc)
+        exc = errors.Internal(
+            f"internal error in TunnelHTTP ({type(exc).__name__}); see the control plane log"
+        )
+    error = pb.TunnelError(
+        code=status.code_for(exc).value[0], message=exc.message, reason=exc.reason
+    )
+    if isinstance(exc, errors.Unavailable):
+        error.retry_after_seconds = exc.retry_after
+    return pb.TunnelResponseFrame(exchange_id=exchange_id, error=error)
+
+
+async def _gather(queue: list[Any]) -> None:
+    """Let the tasks that are ready queue their frames too, while they keep coming.
+
+    A loop iteration costs far less than a message, and under load many
+    exchanges become ready within a few iterations of each other.
+    """
+    count = -1
+    for _ in range(GATHER_ROUNDS):
+        if len(queue) == count:
+            return
+        count = len(queue)
+        await asyncio.sleep(0)
+
+
+class _Exchange:
+    """One exchange in flight: its task and its credit."""
+
+    __slots__ = ("credit", "refilled", "task")
+
+    def __init__(self) -> None:
+        self.credit = WINDOW_BYTES
+        self.refilled: asyncio.Event | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def grant(self, count: int) -> None:
+        self.credit += count
+        if self.refilled is not None and self.credit > 0:
+            self.refilled.set()
+
+    async def wait_for_credit(self) -> None:
+        while self.credit <= 0:
+            self.refilled = asyncio.Event()
+            await self.refilled.wait()
+        self.refilled = None
+
+
+class TunnelSession:
+    """Serves one TunnelHTTP stream; use :meth:`serve` once.
+
+    ``run`` carries one exchange: it checks the exchange's credentials and
+    yields its response, raising the project's errors. ``accepting()`` false
+    refuses new exchanges with UNAVAILABLE (the control plane shuts down).
+    """
+
+    def __init__(self, run: ExchangeRunner, *, accepting: Callable[[], bool]) -> None:
+        self._run = run
+        self._accepting = accepting
+        self._exchanges: dict[int, _Exchange] = {}
+        self._outbox: list[pb.TunnelResponseFrame] = []
+        self._ready = asyncio.Event()
+        self._reading = True
+
+    async def serve(
+        self, requests: AsyncIterator[pb.TunnelHTTPRequest]
+    ) -> AsyncIterator[pb.TunnelHTTPResponse]:
+        """Yields the response messages until the gateway half-closes and all is sent.
+
+        Leaving early (the gateway cancels the call) cancels every exchange.
+        """
+        reader = asyncio.create_task(self._read(requests))
+        try:
+            while True:
+                if not self._outbox:
+                    if not self._reading and not self._exchanges:
+                        break
+                    self._ready.clear()
+                    await self._ready.wait()
+                    await _gather(self._outbox)
+                    continue
+                yield pb.TunnelHTTPResponse(frames=take_batch(self._outbox))
+            await reader
+        finally:
+            reader.cancel()
+            tasks = [ex.task for ex in self._exchanges.values() if ex.task is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(reader, *tasks, return_exceptions=True)
+
+    def _send(self, frame: pb.TunnelResponseFrame) -> None:
+        self._outbox.append(frame)
+        self._ready.set()
+
+    async def _read(self, requests: AsyncIterator[pb.TunnelHTTPRequest]) -> None:
+        try:
+            async for message in requests:
+                for frame in message.frames:
+                    kind = frame.WhichOneof("kind")
+                    exchange = self._exchanges.get(frame.exchange_id)
+                    if kind == "start":
+                        self._start(frame.exchange_id, frame.start, running=exchange)
+                    elif exchange is None:
+                        # The exchange ended already; its client's news came too late.
+                        continue
+                    elif kind == "window_update":
+                        exchange.grant(frame.window_update)
+                    elif kind == "cancel" and exchange.task is not None:
+                        exchange.task.cancel()
+        finally:
+            self._reading = False
+            self._ready.set()
+
+    def _start(
+        self, exchange_id: int, start: pb.TunnelExchangeStart, *, running: _Exchange | None
+    ) -> None:
+        if running is not None:
+            self._send(
+                error_frame(
+                    exchange_id,
+                    errors.InvalidArgument(f"exchange {exchange_id} is already running"),
+                )
+            )
+            return
+        if not self._accepting():
+            self._send(
+                error_frame(
+                    exchange_id,
+                    errors.Unavailable("the control plane is shutting down; retry shortly"),
+                )
+            )
+            return
+        exchange = _Exchange()
+        self._exchanges[exchange_id] = exchange
+        exchange.task = asyncio.create_task(self._carry(exchange_id, start, exchange))
+
+    async def _carry(
+        self, exchange_id: int, start: pb.TunnelExchangeStart, exchange: _Exchange
+    ) -> None:
+        """Relay one exchange, frame by frame, within its credit."""
+        ended = False
+        try:
+            # Closed at once when the exchange is cancelled, which ends the agent request.
+            async with contextlib.aclosing(self._run(start)) as parts:
+                async for part in parts:
+                    self._send(
+                        pb.TunnelResponseFrame(
+                            exchange_id=exchange_id,
+                            head=part.head,
+                            body=part.body,
+                            end_of_body=part.end_of_body,
+                        )
+                    )
+                    if part.end_of_body:
+                        # Not break: the runner ends by itself right after, and so counts an OK.
+                        ended = True
+                    elif part.body:
+                        exchange.credit -= len(part.body)
+                        if exchange.credit <= 0:
+                            await exchange.wait_for_credit()
+            if not ended:
+                self._send(pb.TunnelResponseFrame(exchange_id=exchange_id, end_of_body=True))
+        except asyncio.CancelledError:
+            # The client went away or the stream ended: nobody is left to tell.
+            raise
+        except Exception as exc:
+            self._send(error_frame(exchange_id, exc))
+        finally:
+            with contextlib.suppress(KeyError):
+                del self._exchanges[exchange_id]
+            self._ready.set()
