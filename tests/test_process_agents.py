@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
@@ -223,6 +225,44 @@ class TestFailures:
                 assert b"".join([m.data async for m in previous]) == b"run 2\n"
                 current = agents.StreamLogs(pb.StreamLogsRequest(agent_id="flaky"))
                 assert b"".join([m.data async for m in current]).startswith(b"run 3\n")
+
+    async def test_a_restart_moves_to_a_free_port_when_another_program_took_the_old_one(
+        self, tmp_path: Path
+    ) -> None:
+        # Exits at once on its first run; serves on the second.
+        command = (
+            "sh -c 'n=$(cat runs 2>/dev/null || echo 0); n=$((n+1)); echo $n > runs; "
+            '[ $n -ge 2 ] || exit 4; exec "$0" -m agentapi_proxy.reference_agent '
+            "--port {port}' {python}"
+        )
+        env = {
+            "AGENTAPI_PROCESS_COMMAND": command,
+            "AGENTAPI_PROCESS_RESTART_BACKOFF_SECONDS": "1",
+        }
+        with running_proxy(tmp_path, env=env, command="control-plane") as proxy:
+            channel, agents = stub(proxy.grpc_target)
+            async with channel:
+                created = await agents.CreateAgent(
+                    pb.CreateAgentRequest(session_id="s", agent_id="moved")
+                )
+                old_port = int(created.agent.address.rsplit(":", 1)[1])
+                # Another program listens on the agent's port while it waits to restart.
+                with socket.socket() as squatter:
+                    squatter.bind(("127.0.0.1", old_port))
+                    squatter.listen()
+                    watch = agents.WatchAgent(pb.WatchAgentRequest(agent_id="moved"))
+                    async with asyncio.timeout(60):
+                        async for change in watch:
+                            if change.agent.state == pb.AGENT_STATE_READY:
+                                break
+                    new_port = int(change.agent.address.rsplit(":", 1)[1])
+                    assert new_port != old_port
+                    assert change.agent.restart_count == 1
+                    async with (
+                        aiohttp.ClientSession() as http,
+                        http.get(f"http://127.0.0.1:{new_port}/status") as response,
+                    ):
+                        assert response.status == 200
 
     async def test_missing_agent_command_is_a_failed_precondition(self, tmp_path: Path) -> None:
         env = {"AGENTAPI_PROCESS_COMMAND": "no-such-agentapi-binary server --port {port}"}

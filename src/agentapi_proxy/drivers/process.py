@@ -566,6 +566,15 @@ class ProcessDriver(Driver):
             os.replace(agent.directory / CURRENT_LOG, agent.directory / PREVIOUS_LOG)
         agent.restart_count += 1
         agent.ready_time = None
+        if not _port_is_free(agent.port):
+            # Another program (or a control plane sharing the port range) took it meanwhile.
+            old_port = agent.port
+            agent.port = await self._allocate_port()
+            for_agent(logger, agent.spec.agent_id).warning(
+                "port %s is taken by another program; restarting on port %s",
+                old_port,
+                agent.port,
+            )
         self._spawn(agent, self._command(agent.spec, port=agent.port))
         self._write_record(agent)
         self._board.publish(self._info(agent, State.STARTING))
