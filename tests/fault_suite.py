@@ -1,9 +1,10 @@
-"""Fault and load suite for legacy mode (agents as local process groups).
+"""Fault and load suite for both modes: legacy (agents as local process groups) and
+provision mode (agents as StatefulSets, against the Kubernetes double).
 
 Run by hand::
 
     .venv/bin/python -m tests.fault_suite [--size small|large] [--json OUT] [--seed N]
-                                          [--scenario creates|followers|restarts ...]
+        [--scenario creates|followers|restarts|k8s-creates|k8s-restarts ...]
 
 ``tests/test_fault_suite.py`` runs the small size. Every scenario drives a real
 ``agentapi-proxy control-plane`` (started through :mod:`tests.harness`) over gRPC:
@@ -15,10 +16,17 @@ Run by hand::
    read nothing (then everything, to check they lost nothing either).
 3. ``restarts``: rounds of concurrent creates, deletes and log follows, each cut
    short by ``kill -9`` of the control plane at a seeded random moment.
+4. ``k8s-creates``: scenario 1 in provision mode (:class:`KubeLab`): one
+   StatefulSet per id however many callers race for it.
+5. ``k8s-restarts``: rounds of concurrent creates and deletes against an API
+   server slowed on some calls, each cut short by ``kill -9`` of the control
+   plane; after every restart each StatefulSet of ours has its ConfigMap and
+   Service, nothing of ours outlives its StatefulSet, and ListAgents shows
+   exactly the StatefulSets; at the end every agent gets READY and is deleted.
 
-The bar, for every scenario: no orphaned process, no lost (missing or repeated)
-log line, only the gRPC failures the scenario expects, and no broken invariant
-(listed under ``problems``). Speed is recorded, never judged. Every loop is
+The bar, for every scenario: no orphaned process or Kubernetes object, no lost
+(missing or repeated) log line, only the gRPC failures the scenario expects,
+and no broken invariant (listed under ``problems``). Speed is recorded, never judged. Every loop is
 bounded in count and time; everything started is stopped at the end, also on
 failure (process groups by PID with ``os.killpg``). The process exits 1 when a
 scenario misses the bar.
@@ -46,10 +54,25 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 
+from agentapi_proxy.drivers.statefulset_objects import (
+    LABEL_AGENT_ID,
+    configmap_name,
+    service_name,
+)
 from agentapi_proxy.v1 import agent_service_pb2 as pb
 from agentapi_proxy.v1 import agent_service_pb2_grpc as pb_grpc
 from tests.harness import ProxyProcess, free_port_range, group_members, port_is_free, stub
+from tests.kube_double import KubeDouble
+from tests.kube_double.status import JsonObject
+from tests.test_provision_mode import (
+    NAMESPACE,
+    assert_clean_log,
+    granted_rules,
+    provision_env,
+    uncovered,
+)
 
 T = TypeVar("T")
 
@@ -64,6 +87,9 @@ PRINTER_COMMAND = (
 )
 # Hang guard for one unary call; a healthy control plane answers in milliseconds.
 RPC_TIMEOUT = 60.0
+# Small pages, so that every listing of the small size takes more than one.
+LIST_PAGE_SIZE = 16
+MAX_LIST_PAGES = 1000
 
 
 @dataclass(frozen=True)
@@ -98,6 +124,10 @@ class Size:
     # Cap of the surviving agent's output (at 200 lines/s: longer than any run).
     keeper_max_lines: int
     kill_after: tuple[float, float]
+    # Scenario 5 (its rounds and churn are scenario 3's): the API server's delay on
+    # the calls listed in SLOW_KUBE_CALLS, so that kills land between a create's (or
+    # a delete's) API calls.
+    api_latency: float
     # Hang guard for a whole scenario.
     scenario_seconds: float
 
@@ -124,6 +154,7 @@ SIZES = {
         round_followers=3,
         keeper_max_lines=100_000,
         kill_after=(0.05, 1.0),
+        api_latency=0.2,
         scenario_seconds=90.0,
     ),
     "large": Size(
@@ -147,6 +178,7 @@ SIZES = {
         round_followers=10,
         keeper_max_lines=200_000,
         kill_after=(0.05, 2.0),
+        api_latency=0.3,
         scenario_seconds=600.0,
     ),
 }
@@ -398,6 +430,34 @@ class Lab:
         leader = _start_time(pgid)
         return leader is None or leader == self.groups[pgid]
 
+    async def check_consistent(self, listed: Collection[str]) -> None:
+        """Listed agents == records on disk; every live agent process belongs to one of them."""
+        records = self.records()
+        if set(records) != set(listed):
+            self.result.problems.append(
+                f"listed, not on disk: {sorted(set(listed) - set(records))}; "
+                f"on disk, not listed: {sorted(set(records) - set(listed))}"
+            )
+        groups = {r["pid"]: i for i, r in records.items() if isinstance(r.get("pid"), int)}
+        ports = [r.get("port") for r in records.values()]
+        if len(set(ports)) != len(ports):
+            self.result.problems.append("two agents were given the same port")
+        # Judged by process group, not by command line: a shim's child shows the shim's
+        # command line until it has exec'd (shims_of of test_crash_recovery counts it).
+        self.result.orphans += self.strays(allowed_groups=groups)
+        dead = sorted(set(records) - {groups[pgid] for pgid in groups if group_members(pgid)})
+        if dead:
+            self.result.problems.append(f"listed agents without a live process group: {dead}")
+
+    async def prepare(self) -> None:
+        """Make ready what the control plane needs before its first start (nothing here)."""
+
+    async def finish(self) -> None:
+        """Stop the control plane gracefully, once every agent was deleted; check nothing is
+        left."""
+        await self.stop()
+        self.check_gone()
+
     def check_gone(self) -> None:
         """After everything was deleted and the control plane stopped: nothing may be left."""
         self.result.orphans += self.strays()
@@ -439,14 +499,180 @@ class Lab:
         return "".join(self.proxy.lines[-lines:])
 
 
+# --- provision mode ------------------------------------------------------------------
+
+Objects = dict[str, list[JsonObject]]
+
+# What a StatefulSet of ours owns: the ConfigMap and Service our create makes, the pod
+# and (with the default pvc_delete_policy, delete) the claim its controller makes.
+OWNED_KINDS = ("configmaps", "services", "pods", "persistentvolumeclaims")
+# Calls the API server is slowed on in scenario 5: kills then land between a create's
+# StatefulSet and its ConfigMap or Service, or between a delete's StatefulSet and Service.
+SLOW_KUBE_CALLS = (("create", "configmaps"), ("create", "services"), ("delete", "services"))
+# Hang guard for the garbage collector and the kubelet to finish what a delete began.
+SETTLE_SECONDS = 30.0
+# What test_provision_mode's assert_clean_log refuses in a control plane's log.
+BAD_LOG = "a traceback or an error of its own"
+
+
+def _owner_uids(obj: JsonObject) -> set[str]:
+    return {str(ref.get("uid")) for ref in obj["metadata"].get("ownerReferences") or []}
+
+
+def _agent_of(obj: JsonObject) -> str:
+    return str(obj["metadata"]["labels"][LABEL_AGENT_ID])
+
+
+def outliving(objects: Objects) -> list[str]:
+    """Objects of ours none of whose owners is an existing StatefulSet: orphans, once the
+    garbage collector has had its turn."""
+    live = {str(sts["metadata"]["uid"]) for sts in objects["statefulsets"]}
+    return [
+        f"{kind}/{obj['metadata']['name']}"
+        for kind in OWNED_KINDS
+        for obj in objects[kind]
+        if not live & _owner_uids(obj)
+    ]
+
+
+def incomplete(objects: Objects) -> list[str]:
+    """StatefulSets of ours without their ConfigMap or Service, or not owning it."""
+    found = {(kind, obj["metadata"]["name"]): obj for kind in OWNED_KINDS for obj in objects[kind]}
+    missing = []
+    for sts in objects["statefulsets"]:
+        agent_id, name = _agent_of(sts), sts["metadata"]["name"]
+        for kind, companion in (
+            ("configmaps", configmap_name(agent_id)),
+            ("services", service_name(agent_id)),
+        ):
+            obj = found.get((kind, companion))
+            if obj is None:
+                missing.append(f"{name}: no {kind}/{companion}")
+            elif _owner_uids(obj) != {sts["metadata"]["uid"]}:
+                missing.append(f"{name}: {kind}/{companion} not owned by it")
+    return missing
+
+
+def everything(objects: Objects) -> list[str]:
+    return [f"{kind}/{obj['metadata']['name']}" for kind, objs in objects.items() for obj in objs]
+
+
+class KubeLab(Lab):
+    """A :class:`Lab` whose control plane runs in provision mode against a Kubernetes
+    double of its own (started by :meth:`prepare`, stopped by :meth:`cleanup`).
+
+    Besides what a Lab checks, it checks the namespace: objects of ours are
+    those labelled with an agent id. The double must end without an internal
+    error and with every call it saw covered by REQUIRED_RBAC_RULES (the only
+    rules it grants); a control plane's log must hold no traceback or error.
+    """
+
+    def __init__(self, state_dir: Path, *, env: Mapping[str, str], result: ScenarioResult) -> None:
+        self.kube = KubeDouble(state_dir / "kube", namespace=NAMESPACE)
+        super().__init__(state_dir, env={**provision_env(self.kube), **env}, result=result)
+        self.settle_seconds = SETTLE_SECONDS
+        self._double_running = False
+        self._runs = 0
+
+    async def prepare(self) -> None:
+        await asyncio.to_thread(self.kube.start)
+        self._double_running = True
+        self.kube.set_rbac_rules(granted_rules())
+
+    async def start(self) -> pb_grpc.AgentServiceStub:
+        self._check_log()
+        return await super().start()
+
+    def _check_log(self) -> None:
+        """Records a problem when the control plane's last run logged :data:`BAD_LOG`."""
+        if self.proxy.proc is None:
+            return
+        self._runs += 1
+        try:
+            assert_clean_log(self.proxy)
+        except AssertionError:
+            self.result.problems.append(f"control plane run {self._runs} logged {BAD_LOG}")
+            self.result.notes[f"control_plane_log_{self._runs}"] = self.proxy.log_text()
+
+    def objects(self) -> Objects:
+        """Objects of ours in the namespace by resource (copies)."""
+        return {
+            kind: [
+                obj
+                for obj in self.kube.list(kind)
+                if LABEL_AGENT_ID in (obj["metadata"].get("labels") or {})
+            ]
+            for kind in ("statefulsets", *OWNED_KINDS)
+        }
+
+    async def settled(self, unsettled: Callable[[Objects], list[str]]) -> Objects:
+        """The namespace once ``unsettled`` finds nothing in it, or as it is after
+        ``settle_seconds`` (a hang guard: the garbage collector and kubelet take a moment)."""
+        deadline = time.monotonic() + self.settle_seconds
+        while True:
+            objects = await asyncio.to_thread(self.objects)
+            if not unsettled(objects) or time.monotonic() > deadline:
+                return objects
+            await asyncio.sleep(0.05)
+
+    async def check_consistent(self, listed: Collection[str]) -> None:
+        """Listed agents == our StatefulSets, each with its ConfigMap and Service; nothing
+        of ours outlives its StatefulSet (orphans)."""
+        objects = await self.settled(lambda o: outliving(o) + incomplete(o))
+        self.result.orphans += outliving(objects)
+        self.result.problems += incomplete(objects)
+        have = {_agent_of(sts) for sts in objects["statefulsets"]}
+        notes = self.result.notes
+        notes["most_statefulsets"] = max(notes.get("most_statefulsets", 0), len(have))
+        if have != set(listed):
+            self.result.problems.append(
+                f"listed, no StatefulSet: {sorted(set(listed) - have)}; "
+                f"StatefulSet, not listed: {sorted(have - set(listed))}"
+            )
+
+    async def finish(self) -> None:
+        """Stop the control plane gracefully once every agent was deleted; nothing of ours
+        may be left in the namespace (claims included) once the garbage collector ran."""
+        await self.stop()
+        self._check_log()
+        self.result.orphans += everything(await self.settled(everything))
+        self.check_gone()
+
+    async def cleanup(self) -> None:
+        await super().cleanup()
+        if not self._double_running:
+            return
+        self._double_running = False
+        try:
+            errors = self.kube.internal_errors
+            self.result.problems += [f"kube double: {e.splitlines()[0]}" for e in errors]
+            if errors:
+                self.result.notes["kube_double_errors"] = errors
+            calls = uncovered(self.kube.permissions_used())
+            if calls:
+                self.result.problems.append(f"calls REQUIRED_RBAC_RULES lacks: {sorted(calls)}")
+        finally:
+            await asyncio.to_thread(self.kube.stop)
+
+
+LabT = TypeVar("LabT", bound=Lab)
+
+
 @contextlib.asynccontextmanager
 async def _lab(
-    work_dir: Path, name: str, *, size: Size, env: Mapping[str, str], expected: Sequence[str]
-) -> AsyncIterator[Lab]:
-    """A :class:`Lab` whose cleanup runs whatever happens; times the scenario."""
+    work_dir: Path,
+    name: str,
+    *,
+    size: Size,
+    env: Mapping[str, str],
+    expected: Sequence[str],
+    kind: type[LabT],
+) -> AsyncIterator[LabT]:
+    """A :class:`Lab` (or ``kind`` of it) whose cleanup runs whatever happens; times the
+    scenario."""
     result = ScenarioResult(name=name, size=size.name, expected_failures=sorted(expected))
     state_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work_dir))
-    lab = Lab(
+    lab = kind(
         state_dir,
         env={
             "AGENTAPI_PROCESS_PORT_RANGE": free_port_range(2000),
@@ -455,6 +681,7 @@ async def _lab(
         },
         result=result,
     )
+    await lab.prepare()
     started = time.monotonic()
     lab.memory.start()
     try:
@@ -570,6 +797,22 @@ async def _bounded(aw: Awaitable[T], seconds: float) -> T:
     return await asyncio.wait_for(aw, seconds)
 
 
+async def list_agent_ids(agents: pb_grpc.AgentServiceStub, *, tally: Tally) -> list[str]:
+    """Every agent's id, sorted, read page by page; what was read when a page fails."""
+    ids: list[str] = []
+    token = ""
+    for _ in range(MAX_LIST_PAGES):
+        request = pb.ListAgentsRequest(page_size=LIST_PAGE_SIZE, page_token=token)
+        page, _ = await tally.rpc(agents.ListAgents(request, timeout=RPC_TIMEOUT))
+        if page is None:
+            break
+        ids += (agent.agent_id for agent in page.agents)
+        token = page.next_page_token
+        if not token:
+            break
+    return sorted(ids)
+
+
 # --- scenario 1: concurrent creates and deletes -------------------------------------
 
 
@@ -577,7 +820,7 @@ async def concurrent_creates(size: Size, *, work_dir: Path) -> ScenarioResult:
     """N agents created and deleted concurrently, with raced ids; nothing may be left."""
     env = {"AGENTAPI_PROCESS_COMMAND": SLEEPER_COMMAND}
     expected = ["ALREADY_EXISTS", "NOT_FOUND"]
-    async with _lab(work_dir, "creates", size=size, env=env, expected=expected) as lab:
+    async with _lab(work_dir, "creates", size=size, env=env, expected=expected, kind=Lab) as lab:
         await _bounded(_creates_body(lab, size), size.scenario_seconds)
     return lab.result
 
@@ -620,11 +863,10 @@ async def _creates_body(lab: Lab, size: Size) -> None:
             if not same and code != grpc.StatusCode.ALREADY_EXISTS:
                 result.problems.append(f"{agent_id}: other-spec racer got {code.name}")
 
-    listed, _ = await tally.rpc(agents.ListAgents(pb.ListAgentsRequest(), timeout=RPC_TIMEOUT))
-    names = [a.agent_id for a in listed.agents] if listed else []
+    names = await list_agent_ids(agents, tally=tally)
     if sorted(names) != ids:
         result.problems.append(f"listed {len(names)} agents, created {len(ids)}")
-    _check_consistent(lab, set(names))
+    await lab.check_consistent(set(names))
 
     # Concurrent deletes; raced ids get extra deleters, recreated ids a racing create.
     recreated = ids[size.raced_ids : size.raced_ids + size.recreated_ids]
@@ -659,13 +901,12 @@ async def _creates_body(lab: Lab, size: Size) -> None:
         for agent_id, (response, _) in zip(recreated, outcomes[len(deletes) :], strict=True)
         if response is not None and response.created
     }
-    listed, _ = await tally.rpc(agents.ListAgents(pb.ListAgentsRequest(), timeout=RPC_TIMEOUT))
-    remaining = {a.agent_id for a in listed.agents} if listed else set()
+    remaining = set(await list_agent_ids(agents, tally=tally))
     if remaining != made_again:
         result.problems.append(
             f"listed after the deletes: {sorted(remaining)}; created again: {sorted(made_again)}"
         )
-    _check_consistent(lab, remaining)
+    await lab.check_consistent(remaining)
     result.notes["recreated_after_delete"] = len(remaining)
     await asyncio.gather(
         *(
@@ -673,28 +914,7 @@ async def _creates_body(lab: Lab, size: Size) -> None:
             for i in remaining
         )
     )
-    await lab.stop()
-    lab.check_gone()
-
-
-def _check_consistent(lab: Lab, listed: Collection[str]) -> None:
-    """Listed agents == records on disk; every live agent process belongs to one of them."""
-    records = lab.records()
-    if set(records) != set(listed):
-        lab.result.problems.append(
-            f"listed, not on disk: {sorted(set(listed) - set(records))}; "
-            f"on disk, not listed: {sorted(set(records) - set(listed))}"
-        )
-    groups = {r["pid"]: i for i, r in records.items() if isinstance(r.get("pid"), int)}
-    ports = [r.get("port") for r in records.values()]
-    if len(set(ports)) != len(ports):
-        lab.result.problems.append("two agents were given the same port")
-    # Judged by process group, not by command line: a shim's child shows the shim's
-    # command line until it has exec'd (shims_of of test_crash_recovery counts it).
-    lab.result.orphans += lab.strays(allowed_groups=groups)
-    dead = sorted(set(records) - {groups[pgid] for pgid in groups if group_members(pgid)})
-    if dead:
-        lab.result.problems.append(f"listed agents without a live process group: {dead}")
+    await lab.finish()
 
 
 # --- scenario 2: many log followers -------------------------------------------------
@@ -703,7 +923,7 @@ def _check_consistent(lab: Lab, listed: Collection[str]) -> None:
 async def many_followers(size: Size, *, work_dir: Path) -> ScenarioResult:
     """Followers each get every line once, in order; stalled ones slow no one, hold no log."""
     env = {"AGENTAPI_PROCESS_COMMAND": PRINTER_COMMAND}
-    async with _lab(work_dir, "followers", size=size, env=env, expected=[]) as lab:
+    async with _lab(work_dir, "followers", size=size, env=env, expected=[], kind=Lab) as lab:
         await _bounded(_followers_body(lab, size), size.scenario_seconds)
     return lab.result
 
@@ -809,8 +1029,7 @@ async def _followers_body(lab: Lab, size: Size) -> None:
         result.problems.append(
             f"peak RSS {result.peak_rss_kb // 1024} MiB above baseline + {size.rss_bound_mb} MiB"
         )
-    await lab.stop()
-    lab.check_gone()
+    await lab.finish()
 
 
 # --- scenario 3: kill -9 during operations ---------------------------------------------
@@ -821,7 +1040,7 @@ async def kill_9_restarts(size: Size, *, work_dir: Path, seed: int = 7) -> Scena
     env = {"AGENTAPI_PROCESS_COMMAND": PRINTER_COMMAND}
     # Calls in flight when the control plane dies, or issued while it is dead.
     expected = ["UNAVAILABLE"]
-    async with _lab(work_dir, "restarts", size=size, env=env, expected=expected) as lab:
+    async with _lab(work_dir, "restarts", size=size, env=env, expected=expected, kind=Lab) as lab:
         lab.result.notes["seed"] = seed
         await _bounded(_restarts_body(lab, size, random.Random(seed)), size.scenario_seconds)
     return lab.result
@@ -857,50 +1076,20 @@ async def _restarts_body(lab: Lab, size: Size, rng: random.Random) -> None:
     for round_ in range(size.rounds):
         if round_:
             agents = await lab.start()
-        listed, _ = await tally.rpc(agents.ListAgents(pb.ListAgentsRequest(), timeout=RPC_TIMEOUT))
-        present = sorted(a.agent_id for a in listed.agents) if listed else []
-        _check_consistent(lab, present)
+        present = await list_agent_ids(agents, tally=tally)
+        await lab.check_consistent(present)
         if "keeper" not in present:
             result.problems.append(f"round {round_}: the surviving agent is gone")
 
-        async def churn(
-            index: int,
-            after: float,
-            *,
-            agents: pb_grpc.AgentServiceStub = agents,
-            round_: int = round_,
-        ) -> None:
-            await asyncio.sleep(after)
-            agent_id = f"r{round_}-{index}"
-            request = pb.CreateAgentRequest(session_id="s", agent_id=agent_id, env=churn_env)
-            response, _ = await tally.rpc(agents.CreateAgent(request, timeout=RPC_TIMEOUT))
-            if response is not None and index % 2:
-                await tally.rpc(
-                    agents.DeleteAgent(
-                        pb.DeleteAgentRequest(agent_id=agent_id), timeout=RPC_TIMEOUT
-                    )
-                )
-
-        async def remove(
-            agent_id: str, after: float, *, agents: pb_grpc.AgentServiceStub = agents
-        ) -> None:
-            await asyncio.sleep(after)
-            request = pb.DeleteAgentRequest(agent_id=agent_id)
-            await tally.rpc(agents.DeleteAgent(request, timeout=RPC_TIMEOUT))
-
-        delay = rng.uniform(*size.kill_after)
-
-        def shortly_before_the_kill(delay: float = delay) -> float:
-            # Creates take milliseconds, deletes a few hundred: most start just before the
-            # kill, so some are cut short; a few start after it (they see UNAVAILABLE).
-            return rng.uniform(max(0.0, delay - 0.3), delay + 0.02)
-
-        doomed = [i for i in present if i != "keeper" and rng.random() < 0.5]
-        tasks = [
-            asyncio.create_task(churn(index, shortly_before_the_kill()))
-            for index in range(size.churn)
-        ]
-        tasks += [asyncio.create_task(remove(i, shortly_before_the_kill())) for i in doomed]
+        tasks, delay = _start_churn(
+            agents,
+            tally=tally,
+            size=size,
+            rng=rng,
+            round_=round_,
+            deletable=[i for i in present if i != "keeper"],
+            env=churn_env,
+        )
         follows = [
             asyncio.create_task(follow(agents, "keeper", tally=tally, seconds=seconds))
             for _ in range(size.round_followers)
@@ -927,9 +1116,8 @@ async def _restarts_body(lab: Lab, size: Size, rng: random.Random) -> None:
     result.notes["calls_in_flight_at_kills"] = in_flight
 
     agents = await lab.start()
-    listed, _ = await tally.rpc(agents.ListAgents(pb.ListAgentsRequest(), timeout=RPC_TIMEOUT))
-    present = sorted(a.agent_id for a in listed.agents) if listed else []
-    _check_consistent(lab, present)
+    present = await list_agent_ids(agents, tally=tally)
+    await lab.check_consistent(present)
     result.notes["agents_after_rounds"] = len(present)
 
     # Every line the surviving agent printed, across all control-plane deaths: at
@@ -957,8 +1145,55 @@ async def _restarts_body(lab: Lab, size: Size, rng: random.Random) -> None:
     result.lines_lost += lines_lost(outcome.counter.numbers, max(last, outcome.counter.last))
     if outcome.end_reason != "AgentDeleted":
         result.problems.append(f"keeper's log ended without AgentDeleted ({outcome.code.name})")
-    await lab.stop()
-    lab.check_gone()
+    await lab.finish()
+
+
+def _start_churn(
+    agents: pb_grpc.AgentServiceStub,
+    *,
+    tally: Tally,
+    size: Size,
+    rng: random.Random,
+    round_: int,
+    deletable: Sequence[str],
+    env: Mapping[str, str],
+) -> tuple[list[asyncio.Task[None]], float]:
+    """Start one round's churn; returns its tasks and when to kill (seconds from now).
+
+    Creates ``r{round_}-{index}`` for each index below ``size.churn`` (with
+    ``env``), deleting the odd ones again once created, and deletes about half
+    of ``deletable``. Every first call starts shortly before the kill moment, all
+    of it drawn from ``rng``, so that some are cut short.
+    """
+
+    async def churn(index: int, after: float) -> None:
+        await asyncio.sleep(after)
+        agent_id = f"r{round_}-{index}"
+        request = pb.CreateAgentRequest(session_id="s", agent_id=agent_id, env=env)
+        response, _ = await tally.rpc(agents.CreateAgent(request, timeout=RPC_TIMEOUT))
+        if response is not None and index % 2:
+            await tally.rpc(
+                agents.DeleteAgent(pb.DeleteAgentRequest(agent_id=agent_id), timeout=RPC_TIMEOUT)
+            )
+
+    async def remove(agent_id: str, after: float) -> None:
+        await asyncio.sleep(after)
+        request = pb.DeleteAgentRequest(agent_id=agent_id)
+        await tally.rpc(agents.DeleteAgent(request, timeout=RPC_TIMEOUT))
+
+    delay = rng.uniform(*size.kill_after)
+
+    def shortly_before_the_kill() -> float:
+        # Calls take from milliseconds to a few hundred: most start just before the
+        # kill, so some are cut short; a few start after it (they see UNAVAILABLE).
+        return rng.uniform(max(0.0, delay - 0.3), delay + 0.02)
+
+    doomed = [i for i in deletable if rng.random() < 0.5]
+    tasks = [
+        asyncio.create_task(churn(index, shortly_before_the_kill())) for index in range(size.churn)
+    ]
+    tasks += [asyncio.create_task(remove(i, shortly_before_the_kill())) for i in doomed]
+    return tasks, delay
 
 
 def _line_count(path: Path) -> int:
@@ -968,13 +1203,123 @@ def _line_count(path: Path) -> int:
         return 0
 
 
+# --- scenario 4: concurrent creates and deletes in provision mode ---------------------
+
+
+async def k8s_concurrent_creates(size: Size, *, work_dir: Path) -> ScenarioResult:
+    """Scenario 1 against the Kubernetes double: one StatefulSet per id however many callers
+    race for it; nothing of ours left in the namespace afterwards."""
+    # UNAVAILABLE: a create racing the delete of its id while the old pod stops (K02).
+    expected = ["ALREADY_EXISTS", "NOT_FOUND", "UNAVAILABLE"]
+    async with _lab(
+        work_dir, "k8s-creates", size=size, env={}, expected=expected, kind=KubeLab
+    ) as lab:
+        await _bounded(_creates_body(lab, size), size.scenario_seconds)
+    return lab.result
+
+
+# --- scenario 5: kill -9 during creates and deletes in provision mode --------------------
+
+
+async def k8s_kill_9_restarts(size: Size, *, work_dir: Path, seed: int = 7) -> ScenarioResult:
+    """Rounds of creates and deletes against a slowed API server, each ended by kill -9 of
+    the control plane; after each restart the namespace must add up."""
+    expected = ["UNAVAILABLE"]
+    async with _lab(
+        work_dir, "k8s-restarts", size=size, env={}, expected=expected, kind=KubeLab
+    ) as lab:
+        lab.result.notes["seed"] = seed
+        await _bounded(_k8s_restarts_body(lab, size, random.Random(seed)), size.scenario_seconds)
+    return lab.result
+
+
+async def _k8s_restarts_body(lab: KubeLab, size: Size, rng: random.Random) -> None:
+    result, tally = lab.result, lab.tally
+    for verb, resource in SLOW_KUBE_CALLS:
+        lab.kube.set_latency(size.api_latency, verb=verb, resource=resource)
+    kills: list[float] = []
+    in_flight: list[int] = []
+    cut_short: list[int] = []
+    agents = await lab.start()
+    lab.memory.mark_baseline()
+    for round_ in range(size.rounds):
+        if round_:
+            agents = await lab.start()
+        present = await list_agent_ids(agents, tally=tally)
+        await lab.check_consistent(present)
+        tasks, delay = _start_churn(
+            agents,
+            tally=tally,
+            size=size,
+            rng=rng,
+            round_=round_,
+            deletable=present,
+            env={"ROUND": str(round_)},
+        )
+        kills.append(round(delay, 3))
+        await asyncio.sleep(delay)
+        in_flight.append(tally.in_flight)
+        lab.kill()
+        await asyncio.gather(*tasks)
+        await lab.close_channel()
+        # Creates the kill left with a StatefulSet only: the next start must complete them.
+        cut_short.append(len(incomplete(await asyncio.to_thread(lab.objects))))
+    result.notes["kill_after_s"] = kills
+    result.notes["calls_in_flight_at_kills"] = in_flight
+    result.notes["creates_cut_short"] = cut_short
+    for verb, resource in SLOW_KUBE_CALLS:
+        lab.kube.set_latency(0, verb=verb, resource=resource)
+
+    agents = await lab.start()
+    present = await list_agent_ids(agents, tally=tally)
+    await lab.check_consistent(present)
+    result.notes["agents_after_rounds"] = len(present)
+    # Every agent that survived the kills works: it gets ready, then deletes cleanly.
+    waits = await asyncio.gather(
+        *(
+            tally.rpc(
+                agents.WaitAgent(
+                    pb.WaitAgentRequest(agent_id=i, timeout=Duration(seconds=60)),
+                    timeout=RPC_TIMEOUT,
+                )
+            )
+            for i in present
+        )
+    )
+    not_ready = [
+        agent_id
+        for agent_id, (response, _) in zip(present, waits, strict=True)
+        if response is None or response.agent.state != pb.AGENT_STATE_READY
+    ]
+    if not_ready:
+        result.problems.append(f"never ready: {not_ready}")
+    deletes = await asyncio.gather(
+        *(
+            tally.rpc(agents.DeleteAgent(pb.DeleteAgentRequest(agent_id=i), timeout=RPC_TIMEOUT))
+            for i in present
+        )
+    )
+    undeleted = [
+        agent_id
+        for agent_id, (_, code) in zip(present, deletes, strict=True)
+        if code != grpc.StatusCode.OK
+    ]
+    if undeleted:
+        result.problems.append(f"could not delete: {undeleted}")
+    await lab.finish()
+
+
 # --- running and reporting -----------------------------------------------------------
 
 SCENARIOS: dict[str, Callable[..., Awaitable[ScenarioResult]]] = {
     "creates": concurrent_creates,
     "followers": many_followers,
     "restarts": kill_9_restarts,
+    "k8s-creates": k8s_concurrent_creates,
+    "k8s-restarts": k8s_kill_9_restarts,
 }
+# The scenarios whose kill -9 moments --seed chooses.
+SEEDED = {"restarts", "k8s-restarts"}
 
 
 async def run_suite(
@@ -983,7 +1328,7 @@ async def run_suite(
     """Run the named scenarios one after another; state directories go under ``work_dir``."""
     results = []
     for name in scenarios:
-        extra = {"seed": seed} if name == "restarts" else {}
+        extra = {"seed": seed} if name in SEEDED else {}
         results.append(await SCENARIOS[name](size, work_dir=work_dir, **extra))
     return results
 

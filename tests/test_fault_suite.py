@@ -17,9 +17,13 @@ import sys
 from pathlib import Path
 
 import grpc
+import pytest
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
 
+from agentapi_proxy.drivers.statefulset_objects import LABEL_AGENT_ID
 from tests import fault_suite
-from tests.fault_suite import SIZES, Lab, ScenarioResult, Tally, lines_lost
+from tests.fault_suite import SIZES, KubeLab, Lab, ScenarioResult, Tally, lines_lost
 from tests.harness import (
     eventually,
     free_port_range,
@@ -86,6 +90,34 @@ async def test_kill_9_during_operations_loses_no_agent_process_or_line(tmp_path:
     assert result.lines_checked >= result.notes["keeper_lines_at_final_start"]
 
 
+async def test_provision_mode_races_make_one_statefulset_each_and_leave_nothing(
+    tmp_path: Path,
+) -> None:
+    result = await fault_suite.k8s_concurrent_creates(SMALL, work_dir=tmp_path)
+
+    # UNAVAILABLE only for a create racing the delete of its id (K02).
+    assert_bar(result, allowed={"ALREADY_EXISTS", "NOT_FOUND", "UNAVAILABLE"})
+    assert result.notes["most_statefulsets"] == SMALL.agents
+    assert result.failures.get("ALREADY_EXISTS", 0) >= SMALL.raced_ids
+    assert result.failures.get("NOT_FOUND", 0) == SMALL.raced_ids * (SMALL.racers - 1)
+    creates = SMALL.agents + SMALL.raced_ids * (SMALL.racers - 1) + SMALL.recreated_ids
+    deletes = SMALL.agents + SMALL.raced_ids * (SMALL.racers - 1)
+    assert result.operations >= creates + deletes
+
+
+async def test_provision_mode_kill_9_mid_operation_leaves_no_orphaned_object(
+    tmp_path: Path,
+) -> None:
+    result = await fault_suite.k8s_kill_9_restarts(SMALL, work_dir=tmp_path, seed=7)
+
+    assert_bar(result, allowed={"UNAVAILABLE"})
+    assert len(result.notes["kill_after_s"]) == SMALL.rounds
+    # Some kill left a StatefulSet without its ConfigMap or Service: a restart completed it.
+    assert sum(result.notes["creates_cut_short"]) > 0
+    # Agents survived the kills; each got READY and was deleted (else a problem).
+    assert result.notes["agents_after_rounds"] > 0
+
+
 def test_command_line_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     done = subprocess.run(
@@ -137,6 +169,42 @@ LISTENER = (
     "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
     "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); time.sleep(300)"
 )
+
+
+async def test_a_planted_kubernetes_object_and_an_uncovered_call_are_found(
+    tmp_path: Path,
+) -> None:
+    result = ScenarioResult(name="planted", size="small")
+    lab = KubeLab(tmp_path / "state", env={}, result=result)
+    lab.settle_seconds = 1.0
+    await lab.prepare()
+    try:
+        configuration = k8s.Configuration()
+        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=str(lab.kube.kubeconfig), client_configuration=configuration
+        )
+        with k8s.ApiClient(configuration) as api_client:
+            core = k8s.CoreV1Api(api_client)
+            body = k8s.V1ConfigMap(
+                metadata=k8s.V1ObjectMeta(
+                    name="agent-ghost-config", labels={LABEL_AGENT_ID: "ghost"}
+                )
+            )
+            await asyncio.to_thread(core.create_namespaced_config_map, lab.kube.namespace, body)
+            # Not a call the control plane needs: refused (403), and reported.
+            with pytest.raises(k8s.ApiException):
+                await asyncio.to_thread(core.list_namespace)
+
+        await lab.start()
+        await lab.check_consistent(["ghost"])
+        assert result.orphans == ["configmaps/agent-ghost-config"]
+        assert any("listed, no StatefulSet: ['ghost']" in p for p in result.problems)
+        await lab.finish()
+        assert result.orphans.count("configmaps/agent-ghost-config") == 2
+    finally:
+        await lab.cleanup()
+    assert any("REQUIRED_RBAC_RULES lacks" in p and "namespaces" in p for p in result.problems)
+    assert not result.passed
 
 
 async def test_a_planted_orphan_is_found_and_killed(tmp_path: Path) -> None:

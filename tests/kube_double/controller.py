@@ -93,8 +93,16 @@ def _owner_ref(sts: JsonObject, *, controller: bool) -> JsonObject:
 class StatefulSetController:
     def __init__(self, cluster: Cluster) -> None:
         self._cluster = cluster
+        # The pods of the current pass by namespace (see sync).
+        self._pods: dict[str, list[JsonObject]] = {}
 
     def sync(self) -> None:
+        # Pods by namespace, uncopied: each set copies only the pods it may own (copying
+        # every pod for every set made a pass quadratic in the number of sets).
+        self._pods = {}
+        for rt, obj in self._cluster.store.iter_all():
+            if rt == PODS:
+                self._pods.setdefault(obj["metadata"].get("namespace", ""), []).append(obj)
         for sts in self._cluster.store.list(STATEFULSETS):
             if not sts["metadata"].get("deletionTimestamp"):
                 self._sync_one(sts)
@@ -124,7 +132,12 @@ class StatefulSetController:
         )
 
         pods: dict[int, JsonObject] = {}
-        for pod in self._cluster.store.list(PODS, namespace):
+        for seen in self._pods.get(namespace, []):
+            if _controller_uid(seen) not in (None, uid):
+                continue
+            pod = self._cluster.store.get(PODS, namespace, seen["metadata"]["name"])
+            if pod is None:
+                continue
             owner = _controller_uid(pod)
             matches = labels_match(selector, pod["metadata"].get("labels"))
             if owner is None and matches and not pod["metadata"].get("deletionTimestamp"):
