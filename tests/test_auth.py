@@ -169,3 +169,28 @@ def test_refuses_to_listen_beyond_loopback_without_auth(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "0.0.0.0:0" in result.stderr and "auth.enabled" in result.stderr
+
+
+async def test_a_refused_traffic_stream_always_reports_why(secured: ProxyProcess) -> None:
+    """grpc.aio clients misreport a status sent while they still write (grpc/grpc#36066);
+    the control plane lets them finish the request first, so the real reason arrives."""
+    request = pb.ProxyHTTPRequest(
+        head=pb.HTTPRequestHead(agent_id="nobody", method="POST", path="/echo"),
+        body=b"x",
+        end_of_body=True,
+    )
+    seen: dict[tuple[grpc.StatusCode, bool], int] = {}
+    for attempt in range(60):
+        key = () if attempt % 2 else as_user(BOB)
+        channel, agents = stub(secured.grpc_target)
+        async with channel:
+            call = agents.ProxyHTTP(iter([request]), metadata=key)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in call:
+                    pass
+        outcome = (caught.value.code(), bool(key))
+        seen[outcome] = seen.get(outcome, 0) + 1
+    assert seen == {
+        (grpc.StatusCode.UNAUTHENTICATED, False): 30,
+        (grpc.StatusCode.NOT_FOUND, True): 30,
+    }

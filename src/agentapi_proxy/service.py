@@ -54,6 +54,9 @@ GRANT_LIFETIME = timedelta(seconds=10)
 # The method label of one exchange of a TunnelHTTP stream in the RPC metrics: each counts
 # like a ProxyHTTP call; the stream itself counts as "TunnelHTTP".
 TUNNEL_EXCHANGE = "TunnelHTTP.exchange"
+# How much of a failed stream's remaining requests are read before its status is sent.
+DRAIN_SECONDS = 1.0
+DRAIN_BYTES = 256 * 1024
 MAX_ENV_ENTRIES = 128
 MAX_ENV_VALUE_BYTES = 32 * 1024
 # Labels travel in every Agent message: they are bounded so that a ListAgents page stays small.
@@ -88,9 +91,16 @@ async def _fail(context: Context, exc: Exception, method: str) -> None:
 
 @contextlib.asynccontextmanager
 async def _served(
-    method: str, context: Context, *, authenticator: Authenticator
+    method: str,
+    context: Context,
+    *,
+    authenticator: Authenticator,
+    before_failing: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[None]:
-    """Authenticate the caller, map any failure to a status, and record the outcome."""
+    """Authenticate the caller, map any failure to a status, and record the outcome.
+
+    ``before_failing`` runs before a failure's status is sent.
+    """
     started = time.perf_counter()
     code = "OK"
     try:
@@ -100,6 +110,8 @@ async def _served(
         raise
     except Exception as exc:
         code = _code_of(exc)
+        if before_failing is not None:
+            await before_failing()
         await _fail(context, exc, method)
         raise
     except BaseException as exc:
@@ -133,15 +145,43 @@ def _streaming(
     ) -> AsyncIterator[Response]:
         open_streams = metrics.OPEN_STREAMS.labels(method.__name__)
         open_streams.inc()
+        answered = False
+
+        async def let_the_caller_finish() -> None:
+            if not answered and isinstance(request, AsyncIterator):
+                await _drain_briefly(request)
+
         try:
-            async with _served(method.__name__, context, authenticator=self._authenticator):
+            async with _served(
+                method.__name__,
+                context,
+                authenticator=self._authenticator,
+                before_failing=let_the_caller_finish,
+            ):
                 with self._stream_slot():
                     async for item in method(self, request, context):
+                        answered = True
                         yield item
         finally:
             open_streams.dec()
 
     return wrapper
+
+
+async def _drain_briefly(requests: AsyncIterator[Any]) -> None:
+    """Read what the caller is still sending, within DRAIN_SECONDS and DRAIN_BYTES.
+
+    A grpc.aio client whose write fails after the call ended reports
+    INTERNAL instead of the status the server sent (grpc/grpc#36066); a
+    caller that finished writing before the status goes out sees the real one.
+    """
+    read = 0
+    with contextlib.suppress(Exception, TimeoutError):
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for message in requests:
+                read += message.ByteSize()
+                if read > DRAIN_BYTES:
+                    return
 
 
 class AgentService(pb_grpc.AgentServiceServicer):
