@@ -23,7 +23,9 @@ import pytest
 from yarl import URL
 
 from agentapi_gateway.control_plane import ControlPlane
-from agentapi_gateway.direct import Grant, GrantCache
+from agentapi_gateway.direct import ClientHeaderMap, Grant, GrantCache, PassedRequests
+from agentapi_gateway.exchange import AgentRequest
+from agentapi_proxy.errors import InvalidArgument
 from agentapi_proxy.v1 import agent_service_pb2 as pb
 from tests.harness import ProxyProcess, running_proxy, sse_events
 
@@ -448,3 +450,166 @@ async def test_the_cache_holds_at_most_its_limit() -> None:
 def test_an_empty_grant_means_proxyhttp() -> None:
     assert not Grant(base_url="", host="", expires=0.0).direct
     assert Grant(base_url="http://127.0.0.1:1", host="localhost:1", expires=0.0).direct
+
+
+# --- agents that misbehave, and clients that leave -------------------------------------------
+
+# A raw agent: answers /status, breaks HTTP framing on /bad/*, and streams /stream until
+# its reader leaves; /streams says how many of those streams are still open.
+RAW_AGENT = """
+import argparse, asyncio
+
+open_streams = 0
+
+BAD = {
+    "/bad/framing": b"HTTP/1.1 200 OK\\r\\nContent-Length: 5\\r\\n"
+    b"Transfer-Encoding: chunked\\r\\n\\r\\n5\\r\\nhello\\r\\n0\\r\\n\\r\\n",
+    "/bad/fold": b"HTTP/1.1 200 OK\\r\\nX-A: 1\\r\\n folded\\r\\nContent-Length: 0\\r\\n\\r\\n",
+    "/bad/cut": b"HTTP/1.1 200 OK\\r\\nContent-Length: 100\\r\\n\\r\\nshort",
+}
+
+def answer(body):
+    return b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(body), body)
+
+async def serve(reader, writer):
+    global open_streams
+    try:
+        while True:
+            head = await reader.readuntil(b"\\r\\n\\r\\n")
+            path = head.split(b" ")[1].decode()
+            if path in BAD:
+                writer.write(BAD[path])
+                await writer.drain()
+                writer.close()
+                return
+            if path == "/stream":
+                open_streams += 1
+                try:
+                    writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Type: text/event-stream\\r\\n"
+                                 b"Transfer-Encoding: chunked\\r\\n\\r\\n")
+                    while True:
+                        writer.write(b"9\\r\\ndata: x\\n\\n\\r\\n")
+                        await writer.drain()
+                        await asyncio.sleep(0.05)
+                finally:
+                    open_streams -= 1
+            body = b'{"status": "stable"}' if path == "/status" else b"%d" % open_streams
+            writer.write(answer(body))
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+async def main(port):
+    server = await asyncio.start_server(serve, "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--port", type=int, required=True)
+asyncio.run(main(parser.parse_args().port))
+"""
+
+
+@pytest.fixture
+def raw_agent_paths(tmp_path: Path) -> Iterator[dict[str, ProxyProcess]]:
+    script = tmp_path / "raw_agent.py"
+    script.write_text(RAW_AGENT)
+    command = f"{sys.executable} {script} --port {{port}}"
+    with (
+        running_proxy(tmp_path / "grpc", env={"AGENTAPI_PROCESS_COMMAND": command}) as through_grpc,
+        running_proxy(
+            tmp_path / "direct", env=direct_env(AGENTAPI_PROCESS_COMMAND=command)
+        ) as direct_proxy,
+    ):
+        yield {"grpc": through_grpc, "direct": direct_proxy}
+
+
+async def test_a_malformed_agent_response_is_503_as_through_grpc(
+    raw_agent_paths: dict[str, ProxyProcess],
+) -> None:
+    seen: dict[str, list[tuple[int, str]]] = {}
+    async with asyncio.timeout(DEADLINE):
+        for name, proxy in raw_agent_paths.items():
+            async with aiohttp.ClientSession(proxy.base_url, timeout=NO_TIMEOUT) as http:
+                await create(http, "raw")
+                answers = []
+                for bad in ("framing", "cut"):
+                    async with http.get(f"/agents/raw/proxy/bad/{bad}") as response:
+                        error = (await response.json())["error"]
+                        answers.append((response.status, error.get("reason", "")))
+                async with http.get("/agents/raw/proxy/status") as response:
+                    answers.append((response.status, json.loads(await response.text())["status"]))
+                seen[name] = answers
+        # Stricter than ProxyHTTP's client, which accepts obs-fold: a folded line is one a
+        # later hop may read differently, so the direct path refuses it.
+        async with (
+            aiohttp.ClientSession(raw_agent_paths["direct"].base_url, timeout=NO_TIMEOUT) as http,
+            http.get("/agents/raw/proxy/bad/fold") as response,
+        ):
+            assert response.status == 503
+            assert (await response.json())["error"]["reason"] == "AgentResponseInvalid"
+    assert seen["direct"] == seen["grpc"]
+    assert seen["direct"] == [(503, "AgentResponseInvalid")] * 2 + [(200, "stable")]
+    assert "ProxyHTTP" not in await rpc_counts(raw_agent_paths["direct"])
+
+
+async def test_a_client_that_leaves_a_stream_ends_it_at_the_agent(
+    raw_agent_paths: dict[str, ProxyProcess],
+) -> None:
+    proxy = raw_agent_paths["direct"]
+    async with (
+        aiohttp.ClientSession(proxy.base_url, timeout=NO_TIMEOUT) as http,
+        asyncio.timeout(DEADLINE),
+    ):
+        await create(http, "raw")
+
+        async def open_streams() -> int:
+            async with http.get("/agents/raw/proxy/streams") as response:
+                return int(await response.text())
+
+        async with aiohttp.ClientSession(proxy.base_url, timeout=NO_TIMEOUT) as leaving:
+            async with leaving.get("/agents/raw/proxy/stream") as stream:
+                assert await stream.content.readuntil(b"\n\n") == b"data: x\n\n"
+                assert await open_streams() == 1
+        # The gateway must close its connection to the agent (polled: another process).
+        for _ in range(int(DEADLINE / 0.05)):
+            if not await open_streams():
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the agent's stream stayed open after its client left")
+
+
+def request_with(headers: list[tuple[str, str]], *, path: str = "/status") -> AgentRequest:
+    return AgentRequest(agent_id="a1", method="GET", path=path, query="", headers=headers)
+
+
+def test_remembered_checks_still_refuse_every_bad_request() -> None:
+    passed = PassedRequests(size=2)
+    good = [("X-A", "1")]
+    for _ in range(2):
+        passed.check(request_with(good))
+    bad_requests = [
+        request_with([("X-A", "1\r\nX-B: 2")]),
+        request_with([*good, ("Content-Length", "1"), ("Content-Length", "2")]),
+        request_with(good, path="/a/%2e%2e/b"),
+    ]
+    for bad in bad_requests * 2:
+        with pytest.raises(InvalidArgument):
+            passed.check(bad)
+    # Past its size the memory starts over, and checks still hold.
+    for index in range(5):
+        passed.check(request_with([("X-N", str(index))]))
+    with pytest.raises(InvalidArgument):
+        passed.check(bad_requests[0])
+
+
+def test_remembered_response_headers_follow_the_header_rules() -> None:
+    mapped = ClientHeaderMap(size=2)
+    sent = [("Connection", "X-Hop"), ("X-Hop", "1"), ("Keep-Alive", "5"), ("X-End", "2")]
+    for _ in range(2):
+        headers = mapped.of(sent)
+        assert sorted(headers.items()) == [("X-Accel-Buffering", "no"), ("X-End", "2")]
+    assert mapped.of([("X-Accel-Buffering", "yes")])["X-Accel-Buffering"] == "yes"

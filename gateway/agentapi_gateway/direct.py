@@ -4,8 +4,9 @@ With ``gateway.traffic_path = "direct"`` the gateway asks the control plane
 (GrantAgentAccess) where an agent is, once per credential and agent, keeps
 the answer until it runs out (``gateway.direct_grant_ttl_seconds`` at most),
 and sends the exchange to the agent over its own pool of keep-alive
-connections. Small exchanges then cost one HTTP hop instead of an HTTP hop,
-a gRPC stream and a second HTTP hop.
+connections (:mod:`agentapi_gateway.upstream`, a strict HTTP/1.1 client made
+for this one hop). Small exchanges then cost one HTTP hop instead of an HTTP
+hop, a gRPC stream and a second HTTP hop.
 
 The control plane stays the authority. A grant is the answer to the check
 ProxyHTTP makes (another user's agent is NOT_FOUND), so a deleted agent or a
@@ -21,7 +22,11 @@ gateway may not import the control plane; tests/test_direct_path.py holds the
 two equal), and bodies stream in chunks of at most CHUNK_BYTES both ways. An
 agent the gateway could reach only with the control plane's own credentials
 (the Kubernetes API server's pod proxy) gets an empty grant: its traffic keeps
-going through ProxyHTTP.
+going through ProxyHTTP, and so does one whose address is not ``http://``.
+
+A malformed or broken agent response is answered 503 (AgentResponseInvalid)
+like ProxyHTTP answers it, before anything reached the client; after the
+head, the client connection is broken off.
 """
 
 from __future__ import annotations
@@ -30,15 +35,14 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-import aiohttp
 import grpc
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from yarl import URL
+from multidict import CIMultiDict
 
 from agentapi_gateway.control_plane import ControlPlane
 from agentapi_gateway.errors import (
@@ -49,6 +53,12 @@ from agentapi_gateway.errors import (
 from agentapi_gateway.exchange import CHUNK_BYTES, AgentRequest, break_off
 from agentapi_gateway.handlers import STREAM_HEADERS
 from agentapi_gateway.headers import client_response_headers
+from agentapi_gateway.upstream import (
+    AgentResponseInvalid,
+    AgentUnreachable,
+    UpstreamPool,
+    UpstreamResponse,
+)
 from agentapi_proxy import metrics
 from agentapi_proxy.errors import AgentApiError, Unavailable
 from agentapi_proxy.http_rules import check_headers, check_method, check_path, check_query
@@ -60,6 +70,9 @@ logger = logging.getLogger(__name__)
 # Grants held at most; beyond it the oldest goes first (each is a few hundred bytes).
 MAX_GRANTS: Final = 10_000
 GRANT_CALL_TIMEOUT_SECONDS: Final = 30.0
+# Distinct request heads and agent header lists remembered as already checked or mapped.
+MAX_REMEMBERED: Final = 1024
+MAX_REMEMBERED_HEADER_CHARS: Final = 4096
 
 _TO_AGENT = metrics.PROXIED_BYTES.labels("to_agent")
 _FROM_AGENT = metrics.PROXIED_BYTES.labels("from_agent")
@@ -104,6 +117,61 @@ def check_request(request: AgentRequest) -> None:
     check_path(request.path)
     check_query(request.query)
     check_headers(request.headers)
+
+
+class PassedRequests:
+    """Requests that passed :func:`check_request`, remembered to skip checking them again.
+
+    The checks are pure functions of the request, and most requests repeat one
+    another exactly (same path, same headers), so this saves their regular
+    expressions on nearly every request. Bounded: emptied when full, and large
+    requests are not remembered.
+    """
+
+    def __init__(self, *, size: int = MAX_REMEMBERED) -> None:
+        self._size = size
+        self._keys: set[tuple[object, ...]] = set()
+
+    def check(self, request: AgentRequest) -> None:
+        """:func:`check_request`, unless this very request passed before."""
+        key = (request.method, request.path, request.query, *request.headers)
+        if key in self._keys:
+            return
+        check_request(request)
+        if _small(request.headers):
+            if len(self._keys) >= self._size:
+                self._keys.clear()
+            self._keys.add(key)
+
+
+class ClientHeaderMap:
+    """:func:`client_response_headers` plus X-Accel-Buffering, remembered per agent header list.
+
+    An agent sends the same headers again and again (``Date`` changes once a
+    second), so this turns the header rules into one lookup on most responses.
+    The result is shared: aiohttp copies it into each response, nobody changes it.
+    """
+
+    def __init__(self, *, size: int = MAX_REMEMBERED) -> None:
+        self._size = size
+        self._known: dict[tuple[tuple[str, str], ...], CIMultiDict[str]] = {}
+
+    def of(self, headers: Sequence[tuple[str, str]]) -> CIMultiDict[str]:
+        key = tuple(headers)
+        known = self._known.get(key)
+        if known is None:
+            known = client_response_headers(headers)
+            known.setdefault("X-Accel-Buffering", STREAM_HEADERS["X-Accel-Buffering"])
+            if _small(headers):
+                if len(self._known) >= self._size:
+                    self._known.clear()
+                self._known[key] = known
+        return known
+
+
+def _small(headers: Sequence[tuple[str, str]]) -> bool:
+    """Whether ``headers`` are small enough to remember (bounds the memory a peer can fill)."""
+    return sum(len(name) + len(value) for name, value in headers) <= MAX_REMEMBERED_HEADER_CHARS
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,22 +284,15 @@ class DirectPath:
 
     def __init__(self, *, grant_ttl: float) -> None:
         self.grants = GrantCache(ttl=grant_ttl)
-        self._session = aiohttp.ClientSession(
-            # The agent's Content-Encoding is passed through untouched.
-            auto_decompress=False,
-            # Streams (SSE) stay open as long as both sides want them.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-            # Keep-alive connections are reused; no cap on concurrent requests.
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=False),
-            # A proxy keeps no cookies: one agent's cookie must never reach another caller.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-        )
+        # Keep-alive connections to agents; no cap on concurrent requests.
+        self._pool = UpstreamPool()
         # The client connections of responses still streaming, to break off at shutdown.
         self._streams: set[asyncio.BaseTransport] = set()
+        self._passed = PassedRequests()
+        self._client_headers = ClientHeaderMap()
 
     async def close(self) -> None:
-        await self._session.close()
+        await self._pool.close()
 
     def break_off_streams(self) -> int:
         """Break off every response still streaming (at shutdown); returns how many."""
@@ -259,7 +320,7 @@ class DirectPath:
         agent_id = outgoing.agent_id
         key = self.grants.key(agent_id, metadata)
         try:
-            check_request(outgoing)
+            self._passed.check(outgoing)
             grant = self.grants.fresh(key) or await self.grants.get(
                 key, metadata=metadata, plane=plane
             )
@@ -269,24 +330,29 @@ class DirectPath:
             return error_response(status_from_rpc_error(exc))
         if not grant.direct:
             return None
+        origin = self._pool.origin(grant.base_url)
+        if origin is None:
+            # Not plain http://host:port: the control plane's own client carries it.
+            logger.info(
+                "agent %s: %r is not an http:// URL; using ProxyHTTP", agent_id, grant.base_url
+            )
+            return None
 
-        headers = [*outgoing.headers, ("Host", grant.host)]
+        headers = [("Host", grant.host), *outgoing.headers]
         data: bytes | AsyncIterator[bytes] | None = None
         if outgoing.has_body:
-            data = _count(body) if body is not None else _client_body(request, agent_id)
-        target = grant.base_url + outgoing.path
-        if outgoing.query:
-            target += "?" + outgoing.query
+            if body is None:
+                data = _client_body(request, agent_id)
+            else:
+                data = _count(body)
+                if not any(name.lower() == "content-length" for name, _ in outgoing.headers):
+                    headers.append(("Content-Length", str(len(body))))
+        target = outgoing.path + "?" + outgoing.query if outgoing.query else outgoing.path
         try:
-            async with self._session.request(
-                outgoing.method,
-                URL(target, encoded=True),
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-            ) as upstream:
-                return await self._relay(request, upstream, agent_id=agent_id)
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            upstream = await self._pool.request(
+                origin, outgoing.method, target, headers=headers, body=data
+            )
+        except AgentUnreachable as exc:
             # No answer from the agent. It may be gone: what the control plane
             # says now decides the answer (NOT_FOUND once it was deleted).
             self.grants.drop(key)
@@ -295,22 +361,29 @@ class DirectPath:
             except grpc.aio.AioRpcError as refused:
                 return error_response(status_from_rpc_error(refused))
             return _unreachable(agent_id, grant, exc)
+        except AgentApiError as exc:
+            return error_response(status_from_project_error(_public(agent_id, exc)))
+        try:
+            return await self._relay(request, upstream, agent_id=agent_id)
+        except AgentApiError as exc:
+            return error_response(status_from_project_error(_public(agent_id, exc)))
+        finally:
+            upstream.close()
 
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, *, agent_id: str
+        self, request: web.Request, upstream: UpstreamResponse, *, agent_id: str
     ) -> web.StreamResponse:
         """The agent's response to the client: in one write when small, else chunk by chunk.
 
-        Raises aiohttp's client errors only before anything was sent to the client.
+        Raises AgentResponseInvalid only before anything was sent to the client.
         """
-        headers = client_response_headers(upstream.headers.items())
-        headers.setdefault("X-Accel-Buffering", STREAM_HEADERS["X-Accel-Buffering"])
-        content = upstream.content
+        headers = self._client_headers.of(upstream.headers)
         length = upstream.content_length
-        complete = content.is_eof() and content.total_bytes <= CHUNK_BYTES
-        if complete or (length is not None and length <= CHUNK_BYTES):
+        if (upstream.complete and upstream.buffered <= CHUNK_BYTES) or (
+            length is not None and length <= CHUNK_BYTES
+        ):
             # Bounded: the whole body is at most CHUNK_BYTES.
-            body = await content.read()
+            body = await upstream.read_all()
             _FROM_AGENT.inc(len(body))
             return web.Response(status=upstream.status, headers=headers, body=body)
 
@@ -320,11 +393,11 @@ class DirectPath:
             self._streams.add(transport)
         try:
             await response.prepare(request)
-            async for chunk in content.iter_chunked(CHUNK_BYTES):
+            while chunk := await upstream.read_chunk(CHUNK_BYTES):
                 _FROM_AGENT.inc(len(chunk))
                 await response.write(chunk)
             await response.write_eof()
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+        except AgentResponseInvalid as exc:
             logger.info("agent %s: response broken off after its head: %s", agent_id, exc)
             break_off(request)
         except ConnectionError:
@@ -348,6 +421,16 @@ def _unreachable(agent_id: str, grant: Grant, exc: Exception) -> web.Response:
             )
         )
     )
+
+
+def _public(agent_id: str, exc: AgentApiError) -> AgentApiError:
+    """``exc`` with the agent named, as ProxyHTTP names it for the same failure."""
+    if isinstance(exc, AgentResponseInvalid):
+        return Unavailable(
+            f"agent {agent_id!r} sent a malformed or broken HTTP response",
+            reason="AgentResponseInvalid",
+        )
+    return exc
 
 
 def _count(body: bytes) -> bytes:
