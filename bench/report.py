@@ -220,7 +220,7 @@ def _scale(section: Mapping[str, Any]) -> list[str]:
                 "List p50 ms",
                 "List p99 ms",
                 "x p50",
-                "agent procs MiB/agent",
+                "pages",
                 "creates/s",
             ],
             [
@@ -232,10 +232,99 @@ def _scale(section: Mapping[str, Any]) -> list[str]:
                     point["list"]["p50_ms"],
                     point["list"]["p99_ms"],
                     ratio(point["list"]["p50_ms"], none["list"]["p50_ms"]),
-                    point["agent_processes_rss_mib_per_agent"],
+                    point.get("list_pages"),
                     point.get("creates_per_s"),
                 ]
                 for point in points
+            ],
+        ),
+        "",
+        "   memory of the agents' processes (shim + sleep), MiB per agent",
+        table(
+            ["agents", "processes", "RSS", "PSS", "private", "x PSS/RSS"],
+            [
+                [
+                    point["agents"],
+                    point["agent_processes"],
+                    point["agent_processes_rss_mib_per_agent"],
+                    point.get("agent_processes_pss_mib_per_agent"),
+                    point.get("agent_processes_private_mib_per_agent"),
+                    ratio(
+                        point.get("agent_processes_pss_mib_per_agent"),
+                        point["agent_processes_rss_mib_per_agent"],
+                    ),
+                ]
+                for point in points[1:]
+            ],
+        ),
+        "  (RSS counts shared pages such as libpython in every process; PSS splits them among",
+        "   the processes that share them; private is what one more agent adds)",
+    ]
+    out += [f"  note: {note}" for note in section.get("notes", [])]
+    return out
+
+
+def _calls(figures: Mapping[str, Any]) -> str:
+    return f"{figures['during']}+{figures['after']}"
+
+
+def _scale_provision(section: Mapping[str, Any]) -> list[str]:
+    points = section["points"]
+    none, fewest = points[0], points[1] if len(points) > 1 else points[0]
+    counts = [point["agents"] for point in points]
+    operations = ["CreateAgent", "GetAgent", "ListAgents", "DeleteAgent"]
+    out = [
+        "4b. Scale: provision mode (StatefulSets in the Kubernetes test double), control plane",
+        table(
+            [
+                "agents",
+                "RSS MiB",
+                "x fewest",
+                "KiB/agent",
+                "idle CPU %",
+                "List p50 ms",
+                "List p99 ms",
+                "x p50",
+                "pages",
+                "creates/s",
+                "API calls/create",
+                "double CPU %",
+            ],
+            [
+                [
+                    point["agents"],
+                    point["rss_mib"],
+                    ratio(point["rss_mib"], fewest["rss_mib"]),
+                    point["kib_per_agent"],
+                    point["idle_cpu_percent"],
+                    point["list"]["p50_ms"],
+                    point["list"]["p99_ms"],
+                    ratio(point["list"]["p50_ms"], fewest["list"]["p50_ms"]),
+                    point["list_pages"],
+                    point.get("creates_per_s"),
+                    point.get("bulk_create", {}).get("api_calls_per_agent"),
+                    point.get("kube_double_idle_cpu_percent"),
+                ]
+                for point in points
+            ],
+        ),
+        f"  (x: ratio to {fewest['agents']} agents; KiB/agent: RSS above {none['rss_mib']} MiB "
+        "with none; API calls/create: all requests during the bulk create divided by agents;",
+        "   idle CPU % of the control plane and of the double over the idle window)",
+        "",
+        "   Kubernetes API requests per operation (during the call + after it), and idle, "
+        "with N agents",
+        table(
+            ["operation", *(f"N={count:,}" for count in counts)],
+            [
+                *(
+                    [name, *(_calls(point["api_calls"][name]) for point in points)]
+                    for name in operations
+                ),
+                [
+                    f"idle, per s ({section['idle_seconds']:g} s)",
+                    *(point["idle_api_calls"]["per_s"] for point in points),
+                ],
             ],
         ),
     ]
@@ -294,6 +383,7 @@ def render(result: Mapping[str, Any]) -> str:
         ("create_to_ready", _startup),
         ("logs", _logs),
         ("scale", _scale),
+        ("scale_provision", _scale_provision),
     ):
         section = result.get(name)
         problem = _failed(section)

@@ -31,9 +31,10 @@ import aiohttp
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
+from agentapi_proxy.drivers.statefulset import RESYNC_SECONDS
 from agentapi_proxy.v1 import agent_service_pb2 as pb
 from agentapi_proxy.v1 import agent_service_pb2_grpc as pb_grpc
-from bench import logstream, profiling, report, scale, startup, traffic
+from bench import logstream, profiling, report, scale, scale_provision, startup, traffic
 from bench.procfs import processes_by_group
 from bench.servers import REPO, chp_available, configurable_http_proxy
 from tests.harness import ProxyProcess, free_port_range, running_proxy, stub
@@ -66,6 +67,11 @@ class Plan:
     follower_rate: float
     scale_counts: tuple[int, ...]
     list_calls: int
+    # Scale in provision mode (agents as StatefulSets in the Kubernetes test double).
+    provision_counts: tuple[int, ...]
+    provision_idle_seconds: float
+    # API requests that follow an operation: those until none came for this long.
+    provision_quiet_seconds: float
     profile_seconds: int
     # Hang guard for the whole run.
     deadline_seconds: float
@@ -89,6 +95,11 @@ PLANS = {
         follower_rate=2.0,
         scale_counts=(10, 100),
         list_calls=20,
+        # The double's fake controllers do work that grows with agents squared: 100
+        # agents already time its API out (see bench/README.md).
+        provision_counts=(10, 100),
+        provision_idle_seconds=3.0,
+        provision_quiet_seconds=1.0,
         profile_seconds=6,
         deadline_seconds=900.0,
     ),
@@ -109,6 +120,9 @@ PLANS = {
         follower_rate=4.0,
         scale_counts=(5, 20),
         list_calls=5,
+        provision_counts=(5, 10),
+        provision_idle_seconds=1.0,
+        provision_quiet_seconds=0.5,
         profile_seconds=2,
         deadline_seconds=100.0,
     ),
@@ -255,6 +269,7 @@ class Runner:
         ) as proxy:
             async with control_plane_stub(proxy) as agents:
                 await self.section("scale", lambda: self.scale(proxy, agents))
+        await self.section("scale_provision", self.scale_provision)
 
     async def traffic(
         self, proxy: ProxyProcess, agents: pb_grpc.AgentServiceStub
@@ -406,6 +421,47 @@ class Runner:
         ]
         return figures
 
+    async def scale_provision(self) -> dict[str, Any]:
+        """Its own double and control plane, both stopped by PID at the end (also on failure):
+        the control plane first, so that its watches end before the double does."""
+        async with scale_provision.kube_server(
+            self.workdir / "kube", namespace=scale_provision.NAMESPACE
+        ) as kube:
+            with proxy_process(
+                self.workdir / "scale-provision",
+                command="control-plane",
+                env=kube.provision_env(image=scale_provision.IMAGE),
+            ) as proxy:
+                async with control_plane_stub(proxy) as agents:
+                    figures = await scale_provision.provision_scale(
+                        agents,
+                        kube=kube,
+                        control_plane_pid=proxy_pid(proxy),
+                        counts=self.plan.provision_counts,
+                        list_calls=self.plan.list_calls,
+                        idle_seconds=self.plan.provision_idle_seconds,
+                        quiet_seconds=self.plan.provision_quiet_seconds,
+                    )
+                problems = [
+                    line
+                    for line in proxy.log_text().splitlines()
+                    if " ERROR " in line or "Traceback" in line
+                ]
+        figures["notes"] = [
+            "agents are StatefulSets in the Kubernetes test double (tests/kube_double), which "
+            "runs in a process of its own; its pods turn ready a few hundred ms after creation",
+            "API calls: 'during' = requests the double received while the gRPC call ran, "
+            "'after' = those that followed until no request came for "
+            f"{self.plan.provision_quiet_seconds:g} s (the watches reacting)",
+            f"the driver re-lists everything every {RESYNC_SECONDS:g} s; an idle window "
+            "shorter than that sees no re-list",
+        ]
+        if problems:
+            figures["notes"].append(f"control plane logged {len(problems)} errors: {problems[:3]}")
+        if figures.get("kube_double_internal_errors"):
+            figures["notes"].append("the double reported internal errors (bugs of its own)")
+        return figures
+
 
 async def _gateway_load(url: str, *, clients: int) -> None:
     async with aiohttp.ClientSession(timeout=traffic.REQUEST_TIMEOUT) as session:
@@ -451,6 +507,17 @@ def _write_json(path: Path, result: dict[str, Any]) -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    """Parse "10,100,1000" into (10, 100, 1000); the counts must be positive and increasing."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from exc
+    if not counts or counts[0] < 1 or list(counts) != sorted(set(counts)):
+        raise argparse.ArgumentTypeError(f"counts must be positive and increasing: {text!r}")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.run",
@@ -462,6 +529,11 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="also sample the servers with py-spy"
     )
     parser.add_argument("--clients", type=int, help="concurrent HTTP clients (default 32)")
+    parser.add_argument(
+        "--provision-counts",
+        type=_counts,
+        help="agent counts of the provision-mode scale section, e.g. 10,100,1000",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON file ({DEFAULT_OUT})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -471,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = large(plan)
     if args.clients:
         plan = replace(plan, clients=args.clients)
+    if args.provision_counts:
+        plan = replace(plan, provision_counts=args.provision_counts)
     return asyncio.run(main_async(plan, out=args.out.resolve(), profile=args.profile))
 
 

@@ -33,6 +33,11 @@ REQUIRED_RATIOS = [
     ("logs", "followers", "ratios", "p50_latency_most_vs_fewest"),
     ("scale", "ratios", "rss_most_vs_none"),
     ("scale", "ratios", "list_p50_most_vs_none"),
+    ("scale", "ratios", "agent_pss_vs_rss_most"),
+    ("scale_provision", "ratios", "rss_most_vs_fewest"),
+    ("scale_provision", "ratios", "list_p50_most_vs_fewest"),
+    ("scale_provision", "ratios", "list_api_calls_most_vs_fewest"),
+    ("scale_provision", "ratios", "create_api_calls_most_vs_fewest"),
 ]
 CHP_RATIOS = [
     ("traffic", "http", "ratios", "chp_vs_direct", "requests_per_s"),
@@ -101,14 +106,19 @@ def test_quick_bench_writes_every_section_with_ratios(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert str(out) in done.stdout
-    assert "1. Agent traffic" in done.stdout and "4. Scale" in done.stdout
+    for heading in ("1. Agent traffic", "4. Scale", "4b. Scale: provision mode"):
+        assert heading in done.stdout
 
     result = json.loads(out.read_text())
-    for section in ("traffic", "create_to_ready", "logs", "scale"):
+    for section in ("traffic", "create_to_ready", "logs", "scale", "scale_provision"):
         assert "error" not in result[section], result[section].get("trace")
     for keys in REQUIRED_RATIOS + (CHP_RATIOS if chp_available() else []):
         value = _lookup(result, keys)
         assert isinstance(value, float | int), f"{'.'.join(keys)} = {value!r}"
+    # Provision mode: every agent turned READY and the double's request log was read.
+    provisioned = result["scale_provision"]["points"][-1]
+    assert provisioned["not_ready"] == 0
+    assert provisioned["api_calls"]["CreateAgent"]["by_call"]["create statefulsets"] == 1
     ratios = list(_all_ratios(result))
     assert len(ratios) >= len(REQUIRED_RATIOS)
     for where, value in ratios:

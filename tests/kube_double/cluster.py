@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -26,6 +27,9 @@ from .registry import Registry
 from .store import Store
 
 logger = logging.getLogger(__name__)
+# After a pass of the controllers, the loop leaves the API server this many times the
+# time the pass took before the next one.
+PASS_REST_FACTOR = 2.0
 
 Address = tuple[str, int]
 
@@ -96,14 +100,22 @@ class Cluster:
         self.store.close_watchers()
 
     async def _run(self) -> None:
+        rest = 0.0
         while True:
+            if rest:
+                await asyncio.sleep(rest)
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
             # that arrives as the wait completes, and stop() would wait forever.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.timings.tick):
                     await self._wake.wait()
             self._wake.clear()
+            started = time.perf_counter()
             self.reconcile_once()
+            # A pass over many objects takes a while, and writes wake the next one at
+            # once: leave the API server (same loop) at least twice that long, so it
+            # keeps answering with a thousand agents as a real one would.
+            rest = PASS_REST_FACTOR * (time.perf_counter() - started)
 
     def reconcile_once(self) -> None:
         """One pass of every controller; a failing one is recorded and the others still run."""
