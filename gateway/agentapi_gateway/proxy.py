@@ -40,6 +40,7 @@ from urllib.parse import unquote
 import grpc
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict
 
 from agentapi_gateway.control_plane import ControlPlane, next_message
 from agentapi_gateway.direct import DIRECT_PATH_KEY
@@ -228,6 +229,25 @@ async def _send_request(call: ProxyCall, head: pb.HTTPRequestHead, request: web.
         call.cancel()
 
 
+def _client_headers(head: pb.HTTPResponseHead) -> CIMultiDict[str]:
+    headers = client_response_headers((h.name, h.value) for h in head.headers)
+    headers.setdefault("X-Accel-Buffering", STREAM_HEADERS["X-Accel-Buffering"])
+    return headers
+
+
+async def _answer_whole(
+    request: web.Request, status: int, headers: CIMultiDict[str], body: bytes, *, agent_id: str
+) -> web.Response:
+    """The whole response at once: status line, headers and body in one write."""
+    whole = web.Response(status=status, headers=headers, body=body)
+    try:
+        await whole.prepare(request)
+        await whole.write_eof()
+    except ConnectionError:
+        logger.debug("agent %s: client left before the response", agent_id)
+    return whole
+
+
 async def _relay_response(
     request: web.Request, call: ProxyCall, *, agent_id: str
 ) -> web.StreamResponse:
@@ -247,16 +267,9 @@ async def _relay_response(
             )
         )
 
-    headers = client_response_headers((h.name, h.value) for h in head.headers)
-    headers.setdefault("X-Accel-Buffering", STREAM_HEADERS["X-Accel-Buffering"])
+    headers = _client_headers(head)
     if first.end_of_body:
-        # The whole response is here: status line, headers and body in one write.
-        whole = web.Response(status=head.status, headers=headers, body=first.body)
-        try:
-            await whole.prepare(request)
-            await whole.write_eof()
-        except ConnectionError:
-            logger.debug("agent %s: client left before the response", agent_id)
+        whole = await _answer_whole(request, head.status, headers, first.body, agent_id=agent_id)
         await _finish(call, agent_id=agent_id)
         return whole
 
@@ -310,17 +323,9 @@ async def _relay_exchange(
             )
         )
 
-    headers = client_response_headers((h.name, h.value) for h in head.headers)
-    headers.setdefault("X-Accel-Buffering", STREAM_HEADERS["X-Accel-Buffering"])
+    headers = _client_headers(head)
     if first.end_of_body:
-        # The whole response is here: status line, headers and body in one write.
-        whole = web.Response(status=head.status, headers=headers, body=first.body)
-        try:
-            await whole.prepare(request)
-            await whole.write_eof()
-        except ConnectionError:
-            logger.debug("agent %s: client left before the response", agent_id)
-        return whole
+        return await _answer_whole(request, head.status, headers, first.body, agent_id=agent_id)
 
     response = web.StreamResponse(status=head.status, headers=headers)
     try:
