@@ -13,7 +13,7 @@ GATEWAY = ROOT / "gateway" / "agentapi_gateway"
 
 CORE = {
     "errors", "ids", "model", "settings", "settings_env", "logconfig", "stateboard", "logs",
-    "shim", "auth", "metrics", "v1", "http_rules", "paging", "inotify",
+    "shim", "auth", "metrics", "v1", "http_rules", "paging", "inotify", "upstream",
 }  # fmt: skip
 DRIVERS = {"drivers"}
 CONTROL_PLANE = {"service", "status", "traffic", "tunnel", "server", "wire"}
@@ -26,7 +26,7 @@ LAYER_OF = {
 }
 # What the gateway may use of the control plane's package: the API, settings, errors
 # and shared plumbing; never drivers or anything that reaches agents or clusters.
-GATEWAY_MAY_IMPORT = {"v1", "settings", "errors", "logconfig", "metrics", "http_rules"}
+GATEWAY_MAY_IMPORT = {"v1", "settings", "errors", "logconfig", "metrics", "http_rules", "upstream"}
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -1,4 +1,4 @@
-"""The direct path's HTTP/1.1 client (agentapi_gateway.upstream) against scripted agents.
+"""The agents' HTTP/1.1 client (agentapi_proxy.upstream) against scripted agents.
 
 Each test runs a raw TCP server on 127.0.0.1 that answers with exactly the
 bytes the test wrote, so framing (lengths, chunks, closes, malformed heads)
@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from agentapi_gateway import upstream
-from agentapi_gateway.upstream import (
+from agentapi_proxy import upstream
+from agentapi_proxy.errors import InvalidArgument
+from agentapi_proxy.upstream import (
     HIGH_WATER_BYTES,
     AgentResponseInvalid,
     AgentUnreachable,
@@ -24,7 +25,6 @@ from agentapi_gateway.upstream import (
     UpstreamPool,
     UpstreamResponse,
 )
-from agentapi_proxy.errors import InvalidArgument
 
 DEADLINE = 30.0
 

@@ -4,7 +4,7 @@ With ``gateway.traffic_path = "direct"`` the gateway asks the control plane
 (GrantAgentAccess) where an agent is, once per credential and agent, keeps
 the answer until it runs out (``gateway.direct_grant_ttl_seconds`` at most),
 and sends the exchange to the agent over its own pool of keep-alive
-connections (:mod:`agentapi_gateway.upstream`, a strict HTTP/1.1 client made
+connections (:mod:`agentapi_proxy.upstream`, a strict HTTP/1.1 client made
 for this one hop). Small exchanges then cost one HTTP hop instead of an HTTP
 hop, a gRPC stream and a second HTTP hop.
 
@@ -53,16 +53,16 @@ from agentapi_gateway.errors import (
 from agentapi_gateway.exchange import CHUNK_BYTES, AgentRequest, break_off
 from agentapi_gateway.handlers import STREAM_HEADERS
 from agentapi_gateway.headers import client_response_headers
-from agentapi_gateway.upstream import (
+from agentapi_proxy import metrics
+from agentapi_proxy.errors import AgentApiError, Unavailable
+from agentapi_proxy.http_rules import check_headers, check_method, check_path, check_query
+from agentapi_proxy.settings import GatewaySettings
+from agentapi_proxy.upstream import (
     AgentResponseInvalid,
     AgentUnreachable,
     UpstreamPool,
     UpstreamResponse,
 )
-from agentapi_proxy import metrics
-from agentapi_proxy.errors import AgentApiError, Unavailable
-from agentapi_proxy.http_rules import check_headers, check_method, check_path, check_query
-from agentapi_proxy.settings import GatewaySettings
 from agentapi_proxy.v1 import agent_service_pb2 as pb
 
 logger = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Final, NamedTuple
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Final, NamedTuple, Protocol
 
 import aiohttp
 from yarl import URL
@@ -37,6 +37,7 @@ from agentapi_proxy.http_rules import (
 )
 from agentapi_proxy.ids import validate_agent_id
 from agentapi_proxy.model import Endpoint
+from agentapi_proxy.upstream import AgentResponseInvalid, AgentUnreachable, UpstreamPool
 from agentapi_proxy.v1 import agent_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,10 @@ CHUNK_BYTES: Final = 64 * 1024
 # provision mode, reads three objects from the API server).
 ENDPOINT_TTL_SECONDS: Final = 2.0
 MAX_ENDPOINTS: Final = 10_000
+# Distinct request heads and response header lists remembered as already checked or
+# filtered, and the largest one remembered (in characters).
+MAX_REMEMBERED: Final = 1024
+MAX_REMEMBERED_CHARS: Final = 4096
 
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
 
@@ -75,15 +80,123 @@ def check_head(head: pb.HTTPRequestHead) -> int | None:
 
 
 def agent_headers(head: pb.HTTPRequestHead, endpoint: Endpoint) -> list[tuple[str, str]]:
-    """The headers the agent gets: the caller's end-to-end ones, then the endpoint's."""
-    headers = [
+    """The headers the agent gets: Host (first, as HTTP clients send it), the caller's
+    end-to-end ones, then the endpoint's."""
+    return _with_endpoint(_forwarded((h.name, h.value) for h in head.headers), endpoint)
+
+
+def _with_endpoint(
+    forwarded: Iterable[tuple[str, str]], endpoint: Endpoint
+) -> list[tuple[str, str]]:
+    """:func:`agent_headers` from the caller's headers already filtered by :func:`_forwarded`."""
+    return [("Host", endpoint.host), *forwarded, *endpoint.headers.items()]
+
+
+def _forwarded(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The caller's headers that reach the agent: end-to-end ones, never credentials."""
+    return [
         (name, value)
-        for name, value in end_to_end_headers((h.name, h.value) for h in head.headers)
+        for name, value in end_to_end_headers(headers)
         if name.lower() not in NOT_FORWARDED
     ]
-    headers.append(("Host", endpoint.host))
-    headers.extend(endpoint.headers.items())
-    return headers
+
+
+class _CheckedHead(NamedTuple):
+    declared: int | None
+    forwarded: tuple[tuple[str, str], ...]
+
+
+class _Remembered:
+    """What the header rules made of heads seen before, so repeats skip them.
+
+    The rules are pure functions of the head, and most exchanges repeat one
+    another exactly (same path, same headers; an agent's ``Date`` changes once
+    a second), so nearly every exchange is one lookup each way. Bounded:
+    emptied when full, and large heads are not remembered.
+    """
+
+    def __init__(self) -> None:
+        self._requests: dict[tuple[object, ...], _CheckedHead] = {}
+        self._responses: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
+
+    def request(self, head: pb.HTTPRequestHead) -> _CheckedHead:
+        """:func:`check_head` (raises InvalidArgument) and the caller's forwarded headers."""
+        headers = tuple([(h.name, h.value) for h in head.headers])
+        key = (head.agent_id, head.method, head.path, head.query, headers)
+        checked = self._requests.get(key)
+        if checked is None:
+            checked = _CheckedHead(check_head(head), tuple(_forwarded(headers)))
+            if _small(headers, len(head.path) + len(head.query)):
+                if len(self._requests) >= MAX_REMEMBERED:
+                    self._requests.clear()
+                self._requests[key] = checked
+        return checked
+
+    def response(self, headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+        """The end-to-end headers of an agent's response."""
+        key = tuple(headers)
+        kept = self._responses.get(key)
+        if kept is None:
+            kept = tuple(end_to_end_headers(key))
+            if _small(key):
+                if len(self._responses) >= MAX_REMEMBERED:
+                    self._responses.clear()
+                self._responses[key] = kept
+        return kept
+
+
+def _small(headers: tuple[tuple[str, str], ...], extra: int = 0) -> bool:
+    """Whether ``headers`` are small enough to remember (bounds the memory a peer can fill)."""
+    return extra + sum(len(name) + len(value) for name, value in headers) <= MAX_REMEMBERED_CHARS
+
+
+class _AgentResponse(Protocol):
+    """An agent's response as either HTTP client hands it over (see UpstreamResponse)."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def headers(self) -> Iterable[tuple[str, str]]: ...
+    @property
+    def content_length(self) -> int | None: ...
+    @property
+    def complete(self) -> bool: ...
+    @property
+    def buffered(self) -> int: ...
+    async def read_all(self) -> bytes: ...
+    async def read_chunk(self, limit: int) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class _SessionResponse:
+    """An aiohttp response behind the lean client's interface (:class:`_AgentResponse`)."""
+
+    __slots__ = ("_response", "content_length", "headers", "status")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.headers = response.headers.items()
+        self.content_length = response.content_length
+
+    @property
+    def complete(self) -> bool:
+        return self._response.content.is_eof()
+
+    @property
+    def buffered(self) -> int:
+        # Meant before the first read, when all that arrived is still buffered.
+        return self._response.content.total_bytes
+
+    async def read_all(self) -> bytes:
+        return await self._response.content.read()
+
+    async def read_chunk(self, limit: int) -> bytes:
+        return await self._response.content.read(limit)
+
+    def close(self) -> None:
+        # Releasing closes the connection unless the response was read to its end.
+        self._response.release()
 
 
 class TrafficRelay:
@@ -97,9 +210,12 @@ class TrafficRelay:
     def __init__(self, driver: Driver) -> None:
         self._driver = driver
         self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
         self._endpoints: dict[str, tuple[Endpoint, float]] = {}
+        self._remembered = _Remembered()
 
     async def start(self) -> None:
+        self._pool = UpstreamPool()
         self._session = aiohttp.ClientSession(
             # The agent's Content-Encoding is passed through untouched.
             auto_decompress=False,
@@ -116,6 +232,8 @@ class TrafficRelay:
         )
 
     async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
         if self._session is not None:
             await self._session.close()
 
@@ -163,18 +281,17 @@ class TrafficRelay:
         ``authorize(agent_id)`` runs before anything is sent and raises when
         the caller may not reach that agent.
         """
-        assert self._session is not None, "start() first"
-        declared = check_head(head)
+        declared, forwarded = self._remembered.request(head)
         await authorize(head.agent_id)
         endpoint = await self._endpoint(head.agent_id)
 
-        headers = agent_headers(head, endpoint)
+        headers = _with_endpoint(forwarded, endpoint)
         has_body = head.method.upper() not in BODYLESS_METHODS or any(
             name.lower() == "content-length" for name, _ in headers
         )
         data: bytes | AsyncIterator[bytes] | None = None
-        # A misuse of the stream found while the body is being sent; aiohttp would
-        # report it as a failed connection to the agent.
+        # A misuse of the stream found while the body is being sent; the HTTP client
+        # would report it as a failed request to the agent.
         misuse: list[AgentApiError] = []
         if has_body and (end_of_body or rest is None):
             if declared is not None and declared != len(body):
@@ -187,43 +304,80 @@ class TrafficRelay:
             assert rest is not None
             data = _body(body, rest, declared=declared, misuse=misuse)
 
-        target = endpoint.base_url.rstrip("/") + head.path
-        if head.query:
-            target += "?" + head.query
+        target = head.path + "?" + head.query if head.query else head.path
         try:
-            async with self._session.request(
-                head.method,
-                URL(target, encoded=True),
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                ssl=endpoint.ssl if endpoint.ssl is not None else True,
-            ) as response:
+            response = await self._send(endpoint, head.method, target, headers=headers, body=data)
+            try:
                 response_head = pb.HTTPResponseHead(
                     status=response.status,
                     headers=[
                         pb.HTTPHeader(name=name, value=value)
-                        for name, value in end_to_end_headers(response.headers.items())
+                        for name, value in self._remembered.response(response.headers)
                     ],
                 )
-                content = response.content
                 length = response.content_length
-                complete = content.is_eof() and content.total_bytes <= CHUNK_BYTES
-                if complete or (length is not None and length <= CHUNK_BYTES):
+                if (response.complete and response.buffered <= CHUNK_BYTES) or (
+                    length is not None and length <= CHUNK_BYTES
+                ):
                     # Bounded: the whole body is at most CHUNK_BYTES.
-                    whole = await content.read()
+                    whole = await response.read_all()
                     _FROM_AGENT.inc(len(whole))
                     yield ResponsePart(response_head, whole, True)
                     return
                 yield ResponsePart(response_head, b"", False)
-                async for chunk in content.iter_chunked(CHUNK_BYTES):
+                while chunk := await response.read_chunk(CHUNK_BYTES):
                     _FROM_AGENT.inc(len(chunk))
                     yield ResponsePart(None, chunk, False)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            finally:
+                # A response not read to its end (cancelled, left, failed) closes its
+                # connection: it never goes back to the pool mid-response.
+                response.close()
+        except InvalidArgument as exc:
+            # The lean client reports a request body that broke off this way.
+            if misuse:
+                raise misuse[0] from exc
+            raise
+        except (aiohttp.ClientError, TimeoutError, AgentUnreachable, AgentResponseInvalid) as exc:
             if misuse:
                 raise misuse[0] from exc
             self._endpoints.pop(head.agent_id, None)
             raise _agent_failure(head.agent_id, exc) from exc
+
+    async def _send(
+        self,
+        endpoint: Endpoint,
+        method: str,
+        target: str,
+        *,
+        headers: list[tuple[str, str]],
+        body: bytes | AsyncIterator[bytes] | None,
+    ) -> _AgentResponse:
+        """Send the request; returns the response once its head has arrived.
+
+        Plain ``http://`` agents are reached over the lean keep-alive client
+        (:mod:`agentapi_proxy.upstream`); any other endpoint (TLS, the API
+        server's pod proxy) over aiohttp. A body in hand gets a Content-Length
+        (added to ``headers``) unless it has one. Raises what those clients
+        raise: aiohttp.ClientError, TimeoutError, AgentUnreachable,
+        AgentResponseInvalid, InvalidArgument (a streamed body broke off).
+        """
+        assert self._pool is not None and self._session is not None, "start() first"
+        origin = self._pool.origin(endpoint.base_url) if endpoint.ssl is None else None
+        if origin is not None:
+            if isinstance(body, bytes) and not any(
+                name.lower() == "content-length" for name, _ in headers
+            ):
+                headers.append(("Content-Length", str(len(body))))
+            return await self._pool.request(origin, method, target, headers=headers, body=body)
+        response = await self._session.request(
+            method,
+            URL(endpoint.base_url.rstrip("/") + target, encoded=True),
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+            ssl=endpoint.ssl if endpoint.ssl is not None else True,
+        )
+        return _SessionResponse(response)
 
     async def _endpoint(self, agent_id: str) -> Endpoint:
         """The driver's endpoint for the agent, reused for ENDPOINT_TTL_SECONDS."""
@@ -242,12 +396,19 @@ class TrafficRelay:
 
 def _agent_failure(agent_id: str, exc: BaseException) -> Unavailable:
     """The caller's view of an agent that failed to answer well (no internals in it)."""
-    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+    if isinstance(
+        exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError | AgentResponseInvalid
+    ):
         return Unavailable(
             f"agent {agent_id!r} sent a malformed or broken HTTP response",
             reason="AgentResponseInvalid",
         )
-    cause = getattr(exc, "os_error", None) or exc
+    cause: BaseException
+    if isinstance(exc, AgentUnreachable):
+        # Its own message names the agent's address; only what went wrong is passed on.
+        cause = exc.__cause__ or ConnectionResetError()
+    else:
+        cause = getattr(exc, "os_error", None) or exc
     detail = getattr(cause, "strerror", None) or type(cause).__name__
     return Unavailable(
         f"agent {agent_id!r} did not answer ({detail}); it may still be starting "

@@ -1,15 +1,18 @@
-"""A lean HTTP/1.1 client for the direct path's hop to the agent.
+"""A lean HTTP/1.1 client for the hop from a proxy to an agent's server.
 
-The gateway sends one kind of traffic to agents: a request whose head and
-headers have already been checked (:mod:`agentapi_proxy.http_rules`), then
-a response relayed back byte for byte. A general client such as aiohttp's
-does much more per request (URL objects, header merging, cookie and auth
-handling), which was a third of the direct path's CPU time. This client
-does only what the hop needs, on :class:`asyncio.Protocol` connections kept
-alive per agent address.
+Both proxies of agent traffic, the gateway's direct path and the control
+plane's relay (:mod:`agentapi_proxy.traffic`), send one kind of traffic to
+agents: a request whose head and headers have already been checked
+(:mod:`agentapi_proxy.http_rules`), then a response relayed back byte for
+byte. A general client such as aiohttp's does much more per request (URL
+objects, header merging, cookie and auth handling), which was a third of the
+direct path's CPU time. This client does only what the hop needs, on
+:class:`asyncio.Protocol` connections kept alive per agent address. It
+speaks plain ``http://`` only: agents behind TLS or the Kubernetes API
+server's pod proxy need a general client.
 
 Responses are parsed strictly, because a framing disagreement between the
-agent and the gateway is a request-smuggling or response-splitting hole: a
+agent and the proxy is a request-smuggling or response-splitting hole: a
 response is refused (:class:`AgentResponseInvalid`) for a malformed status
 line, a header line that is not ``token ":" value`` (obs-fold included), a
 bare CR or LF, control characters, a head over MAX_HEAD_BYTES, a
@@ -489,7 +492,7 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is not None:
             transport.abort()
-        self._ended(ConnectionAbortedError("the connection was closed by the gateway"))
+        self._ended(ConnectionAbortedError("the connection was closed by the proxy"))
 
     # --- parsing -------------------------------------------------------------------------
 
@@ -789,7 +792,7 @@ class UpstreamPool:
 
     async def _connect(self, origin: Origin) -> _Connection:
         if self._closed:
-            raise AgentUnreachable("the gateway is shutting down")
+            raise AgentUnreachable("the HTTP client is closed")
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
                 _, connection = await self.loop.create_connection(
