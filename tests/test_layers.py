@@ -13,7 +13,7 @@ GATEWAY = ROOT / "gateway" / "agentapi_gateway"
 
 CORE = {
     "errors", "ids", "model", "settings", "settings_env", "logconfig", "stateboard", "logs",
-    "shim", "auth", "metrics", "v1", "http_rules", "paging", "inotify", "upstream",
+    "shim", "auth", "metrics", "v1", "http_rules", "paging", "inotify", "tunnel_frames", "upstream",
 }  # fmt: skip
 DRIVERS = {"drivers"}
 CONTROL_PLANE = {"service", "status", "traffic", "tunnel", "server", "wire"}
@@ -26,7 +26,10 @@ LAYER_OF = {
 }
 # What the gateway may use of the control plane's package: the API, settings, errors
 # and shared plumbing; never drivers or anything that reaches agents or clusters.
-GATEWAY_MAY_IMPORT = {"v1", "settings", "errors", "logconfig", "metrics", "http_rules", "upstream"}
+GATEWAY_MAY_IMPORT = {
+    "v1", "settings", "errors", "logconfig", "metrics", "http_rules", "upstream",
+    "tunnel_frames",
+}  # fmt: skip
 
 
 def imported_modules(path: Path) -> set[str]:

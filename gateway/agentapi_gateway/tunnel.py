@@ -34,20 +34,14 @@ from typing import Any, Final
 import grpc
 
 from agentapi_gateway.errors import ErrorStatus, status_from_rpc_error
+from agentapi_proxy.tunnel_frames import GATHER_ROUNDS, WINDOW_BYTES, take_batch
 from agentapi_proxy.v1 import agent_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
 TUNNEL_METHOD: Final = "/agentapi_proxy.v1.AgentService/TunnelHTTP"
-# Response body bytes the control plane may send ahead of what reached the client;
-# must match agentapi_proxy.tunnel.WINDOW_BYTES, which the control plane enforces.
-WINDOW_BYTES: Final = 256 * 1024
 # Credit is returned in steps of this size, not per chunk, to keep frames few.
 CREDIT_STEP_BYTES: Final = WINDOW_BYTES // 4
-# A message holds frames up to this size, or one frame if that alone is larger.
-BATCH_BYTES: Final = 64 * 1024
-# Loop iterations a writer waits at most for more frames before it sends.
-GATHER_ROUNDS: Final = 1
 # After UNIMPLEMENTED (an older control plane), ProxyHTTP only, for this long.
 UNSUPPORTED_RETRY_SECONDS: Final = 60.0
 # What read() returns at the end of a stream (grpc-stubs does not declare it).
@@ -106,7 +100,16 @@ class TunnelExchange:
     as body bytes reach the client, :meth:`close` when done (always).
     """
 
-    __slots__ = ("_failure", "_frames", "_id", "_pending_credit", "_tunnel", "_waiter", "finished")
+    __slots__ = (
+        "_failure",
+        "_frames",
+        "_id",
+        "_loop",
+        "_pending_credit",
+        "_tunnel",
+        "_waiter",
+        "finished",
+    )
 
     def __init__(self, tunnel: Tunnel, exchange_id: int) -> None:
         self._tunnel = tunnel
@@ -115,6 +118,8 @@ class TunnelExchange:
         self._waiter: asyncio.Future[None] | None = None
         self._failure: ErrorStatus | None = None
         self._pending_credit = 0
+        # Kept: get_running_loop() costs a getpid() on every call in Python 3.11.
+        self._loop = asyncio.get_running_loop()
         # The control plane ended the exchange (end of body or error); nothing more comes.
         self.finished = False
 
@@ -123,7 +128,7 @@ class TunnelExchange:
         while not self._frames:
             if self._failure is not None:
                 raise TunnelFailed(self._failure)
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:
@@ -233,7 +238,7 @@ class Tunnel:
                     await self._ready.wait()
                     await _gather(self._outbox)
                     continue
-                await self._call.write(pb.TunnelHTTPRequest(frames=_take_batch(self._outbox)))
+                await self._call.write(pb.TunnelHTTPRequest(frames=take_batch(self._outbox)))
         except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             # The call ended; the reader reports how.
             return
@@ -256,22 +261,6 @@ class Tunnel:
         except grpc.aio.AioRpcError as exc:
             retry_after = status_from_rpc_error(exc).retry_after
             self._break(_broken(exc.code(), exc.details() or "", retry_after=retry_after))
-
-
-def _take_batch(queue: list[pb.TunnelRequestFrame]) -> list[pb.TunnelRequestFrame]:
-    """Remove and return the frames at the head of ``queue`` that fit in one message."""
-    if len(queue) == 1:
-        return [queue.pop()]
-    size = 0
-    count = 0
-    for frame in queue:
-        size += frame.ByteSize()
-        if count and size > BATCH_BYTES:
-            break
-        count += 1
-    batch = queue[:count]
-    del queue[:count]
-    return batch
 
 
 class Tunnels:

@@ -23,39 +23,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any, Final
+from typing import Any
 
 from agentapi_proxy import errors, status
 from agentapi_proxy.traffic import ResponsePart
+from agentapi_proxy.tunnel_frames import GATHER_ROUNDS, WINDOW_BYTES, take_batch
 from agentapi_proxy.v1 import agent_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
-# Response body bytes one exchange may have sent that the gateway has not yet written.
-WINDOW_BYTES: Final = 256 * 1024
-# A message holds frames up to this size, or one frame if that alone is larger: no
-# message is larger than a ProxyHTTP message, whatever the receiver's size limit.
-BATCH_BYTES: Final = 64 * 1024
-# Loop iterations a writer waits at most for more frames before it sends.
-GATHER_ROUNDS: Final = 1
-
 ExchangeRunner = Callable[[pb.TunnelExchangeStart], AsyncGenerator[ResponsePart, None]]
-
-
-def take_batch(queue: list[pb.TunnelResponseFrame]) -> list[pb.TunnelResponseFrame]:
-    """Remove and return the frames at the head of ``queue`` that fit in one message."""
-    if len(queue) == 1:
-        return [queue.pop()]
-    size = 0
-    count = 0
-    for frame in queue:
-        size += frame.ByteSize()
-        if count and size > BATCH_BYTES:
-            break
-        count += 1
-    batch = queue[:count]
-    del queue[:count]
-    return batch
 
 
 def error_frame(exchange_id: int, exc: BaseException) -> pb.TunnelResponseFrame:

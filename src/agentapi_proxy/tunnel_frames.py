@@ -1,0 +1,40 @@
+"""What both ends of TunnelHTTP agree on: flow-control credit and message batching.
+
+The gateway and the control plane each send the frames queued at one moment
+in one message; both must cut batches and count credit the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Protocol, TypeVar
+
+# Response body bytes one exchange may have sent that the gateway has not yet written.
+WINDOW_BYTES: Final = 256 * 1024
+# A message holds frames up to this size, or one frame if that alone is larger: no
+# message is larger than a ProxyHTTP message, whatever the receiver's size limit.
+BATCH_BYTES: Final = 64 * 1024
+# Loop iterations a writer waits at most for more frames before it sends.
+GATHER_ROUNDS: Final = 1
+
+
+class _Sized(Protocol):
+    def ByteSize(self) -> int: ...
+
+
+Frame = TypeVar("Frame", bound=_Sized)
+
+
+def take_batch(queue: list[Frame]) -> list[Frame]:
+    """Remove and return the frames at the head of ``queue`` that fit in one message."""
+    if len(queue) == 1:
+        return [queue.pop()]
+    size = 0
+    count = 0
+    for frame in queue:
+        size += frame.ByteSize()
+        if count and size > BATCH_BYTES:
+            break
+        count += 1
+    batch = queue[:count]
+    del queue[:count]
+    return batch
