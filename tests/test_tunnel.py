@@ -411,3 +411,31 @@ async def test_the_tunnel_needs_an_authenticated_opener(tmp_path: Path) -> None:
             assert failure.value.code() is grpc.StatusCode.UNAUTHENTICATED
         finally:
             await channel.close()
+
+
+async def test_each_open_tunnel_holds_one_of_its_openers_stream_slots(tmp_path: Path) -> None:
+    env = {"AGENTAPI_SERVER_MAX_STREAMS_PER_USER": "2"}
+    with running_proxy(tmp_path / "state", env=env, command="control-plane") as plane:
+        channel, agents = stub(plane.grpc_target)
+        gate = asyncio.Event()
+
+        async def idle() -> AsyncIterator[pb.TunnelHTTPRequest]:
+            await gate.wait()
+            yield pb.TunnelHTTPRequest()
+
+        try:
+            held = [agents.TunnelHTTP(idle()) for _ in range(2)]
+            for call in held:
+                await asyncio.wait_for(call.initial_metadata(), DEADLINE)
+            third = agents.TunnelHTTP(idle())
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                async with asyncio.timeout(DEADLINE):
+                    async for _ in third:
+                        pass
+            assert failure.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_streams_per_user" in (failure.value.details() or "")
+            for call in held:
+                call.cancel()
+        finally:
+            gate.set()
+            await channel.close()

@@ -23,11 +23,17 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any
+from typing import Any, Final
 
 from agentapi_proxy import errors, status
 from agentapi_proxy.traffic import ResponsePart
-from agentapi_proxy.tunnel_frames import GATHER_ROUNDS, WINDOW_BYTES, take_batch
+from agentapi_proxy.tunnel_frames import (
+    GATHER_ROUNDS,
+    MAX_OUTBOX_BYTES,
+    MAX_START_BODY_BYTES,
+    WINDOW_BYTES,
+    take_batch,
+)
 from agentapi_proxy.v1 import agent_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -64,6 +70,16 @@ async def _gather(queue: list[Any]) -> None:
         await asyncio.sleep(0)
 
 
+# Exchanges of one tunnel in flight at most (each also holds a stream slot of its
+# caller's); a caller starting more waits until some end.
+MAX_EXCHANGES: Final = 8192
+
+
+def _queued_size(frame: pb.TunnelResponseFrame) -> int:
+    # The body is nearly all of a frame; the rest is counted as a flat allowance.
+    return len(frame.body) + 256
+
+
 class _Exchange:
     """One exchange in flight: its task and its credit."""
 
@@ -75,7 +91,8 @@ class _Exchange:
         self.task: asyncio.Task[None] | None = None
 
     def grant(self, count: int) -> None:
-        self.credit += count
+        # Never more than a window ahead, whatever the client claims it has written.
+        self.credit = min(self.credit + count, WINDOW_BYTES)
         if self.refilled is not None and self.credit > 0:
             self.refilled.set()
 
@@ -99,8 +116,15 @@ class TunnelSession:
         self._accepting = accepting
         self._exchanges: dict[int, _Exchange] = {}
         self._outbox: list[pb.TunnelResponseFrame] = []
+        # Roughly the bytes queued in the outbox; past MAX_OUTBOX_BYTES nothing more is
+        # read from the client and no exchange queues more, until the client reads.
+        self._outbox_bytes = 0
+        self._room = asyncio.Event()
+        self._room.set()
         self._ready = asyncio.Event()
         self._reading = True
+        self._violation: errors.AgentApiError | None = None
+        self._exchange_ended = asyncio.Event()
 
     async def serve(
         self, requests: AsyncIterator[pb.TunnelHTTPRequest]
@@ -112,6 +136,8 @@ class TunnelSession:
         reader = asyncio.create_task(self._read(requests))
         try:
             while True:
+                if self._violation is not None:
+                    raise self._violation
                 if not self._outbox:
                     if not self._reading and not self._exchanges:
                         break
@@ -119,7 +145,11 @@ class TunnelSession:
                     await self._ready.wait()
                     await _gather(self._outbox)
                     continue
-                yield pb.TunnelHTTPResponse(frames=take_batch(self._outbox))
+                batch = take_batch(self._outbox)
+                self._outbox_bytes -= sum(_queued_size(frame) for frame in batch)
+                if self._outbox_bytes <= MAX_OUTBOX_BYTES:
+                    self._room.set()
+                yield pb.TunnelHTTPResponse(frames=batch)
             await reader
         finally:
             reader.cancel()
@@ -130,14 +160,22 @@ class TunnelSession:
 
     def _send(self, frame: pb.TunnelResponseFrame) -> None:
         self._outbox.append(frame)
+        self._outbox_bytes += _queued_size(frame)
+        if self._outbox_bytes > MAX_OUTBOX_BYTES:
+            self._room.clear()
         self._ready.set()
 
     async def _read(self, requests: AsyncIterator[pb.TunnelHTTPRequest]) -> None:
         try:
             async for message in requests:
+                await self._room.wait()
                 for frame in message.frames:
                     kind = frame.WhichOneof("kind")
                     exchange = self._exchanges.get(frame.exchange_id)
+                    if kind == "start" and exchange is None:
+                        while len(self._exchanges) >= MAX_EXCHANGES:
+                            self._exchange_ended.clear()
+                            await self._exchange_ended.wait()
                     if kind == "start":
                         self._start(frame.exchange_id, frame.start, running=exchange)
                     elif exchange is None:
@@ -155,10 +193,21 @@ class TunnelSession:
         self, exchange_id: int, start: pb.TunnelExchangeStart, *, running: _Exchange | None
     ) -> None:
         if running is not None:
+            # An answer under this id would end the running exchange for the client too.
+            self._violation = errors.InvalidArgument(
+                f"exchange id {exchange_id} was started again while it runs; "
+                "each exchange of a tunnel needs an id of its own"
+            )
+            self._ready.set()
+            return
+        if len(start.body) > MAX_START_BODY_BYTES:
             self._send(
                 error_frame(
                     exchange_id,
-                    errors.InvalidArgument(f"exchange {exchange_id} is already running"),
+                    errors.InvalidArgument(
+                        f"a tunnel exchange carries at most {MAX_START_BODY_BYTES} bytes of "
+                        f"body, this one {len(start.body)}; send larger bodies with ProxyHTTP"
+                    ),
                 )
             )
             return
@@ -183,6 +232,7 @@ class TunnelSession:
             # Closed at once when the exchange is cancelled, which ends the agent request.
             async with contextlib.aclosing(self._run(start)) as parts:
                 async for part in parts:
+                    await self._room.wait()
                     self._send(
                         pb.TunnelResponseFrame(
                             exchange_id=exchange_id,
@@ -208,4 +258,5 @@ class TunnelSession:
         finally:
             with contextlib.suppress(KeyError):
                 del self._exchanges[exchange_id]
+            self._exchange_ended.set()
             self._ready.set()

@@ -13,6 +13,11 @@ WINDOW_BYTES: Final = 256 * 1024
 # A message holds frames up to this size, or one frame if that alone is larger: no
 # message is larger than a ProxyHTTP message, whatever the receiver's size limit.
 BATCH_BYTES: Final = 64 * 1024
+# What one end queues for the other at most before it stops reading from it (and so
+# the other end's writes wait): a peer that never reads holds no more than this.
+MAX_OUTBOX_BYTES: Final = 4 * 1024 * 1024
+# The body a start frame may carry (the gateway sends only bodies it has whole).
+MAX_START_BODY_BYTES: Final = 64 * 1024
 # Loop iterations a writer waits at most for more frames before it sends.
 GATHER_ROUNDS: Final = 1
 
