@@ -1106,8 +1106,14 @@ def test_without_a_storage_class_claim_and_pod_stay_pending(
         core.read_namespaced_persistent_volume_claim("data-agent-v1-0", NS).status.phase
         == "Pending"
     )
-    reasons = {e.reason for e in core.list_namespaced_event(NS).items}
-    assert {"FailedScheduling", "FailedBinding"} <= reasons
+    # Events are recorded by each controller on its own pass, as in a real cluster.
+    kube.wait_for(
+        lambda: (
+            {"FailedScheduling", "FailedBinding"}
+            <= {e.reason for e in core.list_namespaced_event(NS).items}
+        ),
+        what="FailedScheduling and FailedBinding events",
+    )
 
     kube.set_default_storage_class("standard")
     kube.wait_for(
