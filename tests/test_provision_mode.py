@@ -462,6 +462,13 @@ class TestClusterIsTheSourceOfTruth:
             ({"page_size": -1}, "page_size must not be negative"),
             ({"page_token": "not-a-token"}, "is not a next_page_token"),
             ({"page_token": "e30"}, "is not a next_page_token"),  # base64 of {}
+            # Nested 5,000 deep: json.loads would raise RecursionError.
+            ({"page_token": "W1tb" * 1666}, "is not a next_page_token"),
+            # {"v": true, "after": "", "session": ""}: a bool is not the version number.
+            (
+                {"page_token": "eyJ2IjogdHJ1ZSwgImFmdGVyIjogIiIsICJzZXNzaW9uIjogIiJ9"},
+                "is not a next_page_token",
+            ),
         ],
     )
     async def test_bad_paging_is_invalid_argument(

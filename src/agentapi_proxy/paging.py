@@ -23,6 +23,8 @@ MAX_PAGE_SIZE: Final = 1000
 # Below gRPC's default 4 MiB message limit, with room for the envelope.
 MAX_PAGE_BYTES: Final = 3 * 1024 * 1024
 _TOKEN_VERSION: Final = 1
+# An agent id and a session id with their JSON around them fit well within this.
+MAX_TOKEN_BYTES: Final = 512
 
 
 @dataclass(frozen=True)
@@ -40,18 +42,8 @@ def page_query(request: pb.ListAgentsRequest) -> PageQuery:
     size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     if not request.page_token:
         return PageQuery(size=size, after=None)
-    try:
-        padded = request.page_token + "=" * (-len(request.page_token) % 4)
-        fields = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-        valid = (
-            isinstance(fields, dict)
-            and fields.get("v") == _TOKEN_VERSION
-            and isinstance(fields.get("after"), str)
-            and isinstance(fields.get("session"), str)
-        )
-    except (ValueError, UnicodeError, binascii.Error):
-        valid = False
-    if not valid:
+    fields = _token_fields(request.page_token)
+    if fields is None:
         raise InvalidArgument(
             "page_token is not a next_page_token of ListAgents; "
             "leave it empty to start from the first page"
@@ -62,6 +54,25 @@ def page_query(request: pb.ListAgentsRequest) -> PageQuery:
             "keep session_id the same while paging, or start again without page_token"
         )
     return PageQuery(size=size, after=fields["after"])
+
+
+def _token_fields(token: str) -> dict[str, str] | None:
+    """The ``after`` and ``session`` of a token of ours; None for anything else."""
+    try:
+        raw = base64.urlsafe_b64decode((token + "=" * (-len(token) % 4)).encode("ascii"))
+        fields = json.loads(raw) if len(raw) <= MAX_TOKEN_BYTES else None
+    except (ValueError, UnicodeError, binascii.Error, RecursionError):
+        # RecursionError: deeply nested JSON, which no token of ours is.
+        return None
+    if not (
+        isinstance(fields, dict)
+        and type(fields.get("v")) is int
+        and fields["v"] == _TOKEN_VERSION
+        and isinstance(fields.get("after"), str)
+        and isinstance(fields.get("session"), str)
+    ):
+        return None
+    return {"after": fields["after"], "session": fields["session"]}
 
 
 def page_of(
