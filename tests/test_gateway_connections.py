@@ -135,3 +135,34 @@ def test_negative_limits_are_refused_at_start(field: str) -> None:
 
     with pytest.raises(SettingsError, match=field):
         load_settings(None, environ={f"AGENTAPI_GATEWAY_{field.upper()}": "-1"})
+
+
+async def test_empty_lines_before_the_request_line_do_not_count_as_a_head() -> None:
+    """Slowloris behind leading CRLFs: parsers skip them, so they must not stop the clock."""
+    settings = GatewaySettings(
+        listen="127.0.0.1:0",
+        control_plane=f"127.0.0.1:{unused_port()}",
+        header_timeout_seconds=1.0,
+    )
+    runner = await run_gateway(settings, shutdown_timeout=1)
+    try:
+        port = int(runner.addresses[0][1])
+        connection = await connect(port)
+        connection.writer.write(b"\r\n\r\nGET /healthz HTTP/1.1\r\n")
+        closed = False
+        for index in range(20):
+            await asyncio.sleep(0.25)
+            with contextlib.suppress(ConnectionError):
+                connection.writer.write(b"X-Slow-%d: 1\r\n" % index)
+            try:
+                closed = await asyncio.wait_for(connection.reader.read(), 0.01) == b""
+            except TimeoutError:
+                closed = False
+            except ConnectionError:
+                closed = True
+            if closed:
+                break
+        connection.close()
+        assert closed, "a head that never ends kept its connection"
+    finally:
+        await runner.cleanup()

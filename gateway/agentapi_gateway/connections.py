@@ -135,8 +135,10 @@ class _Guarded(asyncio.Protocol):
         if self._inner is None:
             return
         if self._timer is not None:
+            # Empty lines before the request line are skipped by HTTP parsers (RFC 9112
+            # 2.2), so they must not count as a head, nor start one.
+            seen = self._tail + data if self._tail else data.lstrip(b"\r\n")
             # Only the last few bytes matter to find a head's end across chunks.
-            seen = self._tail + data
             if _END_OF_HEAD in seen:
                 self._timer.cancel()
                 self._timer = None
