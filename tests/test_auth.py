@@ -194,3 +194,22 @@ async def test_a_refused_traffic_stream_always_reports_why(secured: ProxyProcess
         (grpc.StatusCode.UNAUTHENTICATED, False): 30,
         (grpc.StatusCode.NOT_FOUND, True): 30,
     }
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [
+        ("127.0.0.1:8080", True),
+        ("127.5.6.7:1", True),
+        ("[::1]:50051", True),
+        ("localhost:8080", True),
+        ("127.evil.example:8080", False),
+        ("127.0.0.1.nip.io:8080", False),
+        ("0.0.0.0:8080", False),
+        ("10.0.0.1:8080", False),
+    ],
+)
+def test_only_loopback_addresses_count_as_loopback(address: str, loopback: bool) -> None:
+    from agentapi_proxy.auth import is_loopback
+
+    assert is_loopback(address) is loopback

@@ -85,3 +85,11 @@ def test_connection_named_and_hop_by_hop_headers_are_dropped() -> None:
         [("Connection", "X-Secret, close"), ("X-Secret", "1"), ("Keep-Alive", "5"), ("X-Ok", "2")]
     )
     assert kept == [("X-Ok", "2")]
+
+
+def test_too_many_headers_are_refused() -> None:
+    from agentapi_proxy.http_rules import MAX_HEADERS
+
+    check_headers([("X-N", "1")] * MAX_HEADERS)
+    with pytest.raises(InvalidArgument, match=f"at most {MAX_HEADERS}"):
+        check_headers([("X-N", "1")] * (MAX_HEADERS + 1))

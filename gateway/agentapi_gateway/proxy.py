@@ -263,7 +263,9 @@ async def _relay_response(
     if not 100 <= head.status <= 599:
         return error_response(
             ErrorStatus(
-                grpc.StatusCode.INTERNAL, f"the agent answered an invalid status {head.status}"
+                grpc.StatusCode.UNAVAILABLE,
+                f"agent {agent_id!r} answered an invalid status {head.status}",
+                reason="AgentResponseInvalid",
             )
         )
 
@@ -316,11 +318,12 @@ async def _relay_exchange(
     if not first.HasField("head") or not 100 <= head.status <= 599:
         return error_response(
             ErrorStatus(
-                grpc.StatusCode.INTERNAL,
-                f"the agent answered an invalid status {head.status}"
-                if first.HasField("head")
-                else "the control plane sent no response head",
+                grpc.StatusCode.UNAVAILABLE,
+                f"agent {agent_id!r} answered an invalid status {head.status}",
+                reason="AgentResponseInvalid",
             )
+            if first.HasField("head")
+            else ErrorStatus(grpc.StatusCode.INTERNAL, "the control plane sent no response head")
         )
 
     headers = _client_headers(head)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -206,8 +207,17 @@ class Authenticator:
 
 
 def is_loopback(address: str) -> bool:
+    """Whether ``host:port`` names a loopback address: an IP literal, or ``localhost``.
+
+    A host name that merely starts like one (``127.example.com``) may resolve anywhere.
+    """
     host = address.rsplit(":", 1)[0].strip("[]")
-    return host in {"localhost", "::1"} or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def authenticator_from_settings(settings: AuthSettings, *, listen: Iterable[str]) -> Authenticator:

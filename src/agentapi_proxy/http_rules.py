@@ -33,6 +33,9 @@ NOT_FORWARDED = frozenset(
     {"host", "authorization", "x-api-key", "expect", "forwarded", "x-real-ip"}
 )
 
+# More request headers than any browser or client library sends; aiohttp's own server
+# limit is 128, so the gateway never forwards more than that anyway.
+MAX_HEADERS = 200
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # RFC 3986 path characters: unreserved, sub-delims, ":", "@", "/" and %XX escapes.
 _PATH = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
@@ -105,6 +108,10 @@ def check_headers(headers: Sequence[tuple[str, str]]) -> int | None:
     Several Content-Length values that differ, or one that is not a plain
     decimal, make the body's end ambiguous and are refused.
     """
+    if len(headers) > MAX_HEADERS:
+        raise InvalidArgument(
+            f"{len(headers)} headers; at most {MAX_HEADERS} are forwarded to an agent"
+        )
     lengths = set()
     for name, value in headers:
         if not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
