@@ -515,6 +515,9 @@ class _Connection(asyncio.Protocol):
                 if end < 0:
                     if size - pos > MAX_HEAD_BYTES:
                         raise AgentResponseInvalid("the response head is too large")
+                    if b"\n" in data[pos:].replace(b"\r\n", b""):
+                        # Refused now: a head ended by bare LFs would never be complete.
+                        raise AgentResponseInvalid("the response head has bare LF line ends")
                     break
                 if end + 4 - pos > MAX_HEAD_BYTES:
                     raise AgentResponseInvalid("the response head is too large")
