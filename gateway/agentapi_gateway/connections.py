@@ -28,6 +28,8 @@ _END_OF_HEAD = b"\r\n\r\n"
 # Descriptors kept free of client connections: the control-plane channel, log
 # files, and on the direct path one connection to an agent per proxied request.
 _RESERVED_DESCRIPTORS: Final = 256
+# How long a refused connection is kept to drain the client's request (see _Guarded).
+REFUSAL_LINGER_SECONDS: Final = 1.0
 
 
 def connection_limit(configured: int) -> int:
@@ -125,7 +127,12 @@ class _Guarded(asyncio.Protocol):
             logger.info("refusing a connection from %s: too many connections", self._client)
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(refusal)
-            transport.close()
+            # Closing now, with the client's request still arriving, would answer it with
+            # a reset that can destroy the refusal before the client reads it. So the
+            # request is read and dropped until the client closes, for a moment at most.
+            if transport.can_write_eof():
+                transport.write_eof()
+            asyncio.get_running_loop().call_later(REFUSAL_LINGER_SECONDS, transport.close)
             return
         self._timer = asyncio.get_running_loop().call_later(self._seconds, self._expire)
         self._inner = self._make_inner()
@@ -146,7 +153,10 @@ class _Guarded(asyncio.Protocol):
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received() if self._inner is not None else None
+        if self._inner is None:
+            # A refused client is done sending: nothing is left to wait for.
+            return False
+        return self._inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
