@@ -99,8 +99,11 @@ async def parts_of(
     *,
     body: bytes = b"",
     rest: AsyncIterator[pb.ProxyHTTPRequest] | None = None,
+    caller: str = "alice",
 ) -> list[ResponsePart]:
-    exchange = relay.exchange(head, body=body, end_of_body=rest is None, rest=rest, authorize=allow)
+    exchange = relay.exchange(
+        head, body=body, end_of_body=rest is None, rest=rest, authorize=allow, caller=caller
+    )
     return [part async for part in exchange]
 
 
@@ -203,7 +206,11 @@ async def test_a_caller_that_leaves_mid_body_closes_the_agent_connection() -> No
 
     async with relay_to(endless) as (agent, relay, _):
         exchange = relay.exchange(
-            request_head("GET", "/endless"), body=b"", end_of_body=True, authorize=allow
+            request_head("GET", "/endless"),
+            body=b"",
+            end_of_body=True,
+            authorize=allow,
+            caller="alice",
         )
         first = await anext(exchange)
         assert first.head is not None and first.head.status == 200
@@ -214,6 +221,17 @@ async def test_a_caller_that_leaves_mid_body_closes_the_agent_connection() -> No
         parts = await parts_of(relay, request_head())
         assert parts[0].body == b"got 0 bytes"
         assert agent.seen[-1].connection == 2
+
+
+async def test_callers_never_share_a_connection_to_an_agent() -> None:
+    """An agent answering late would have its answer read as the next request's."""
+    async with relay_to(answer_by_path) as (agent, relay, _):
+        for caller in ("alice", "bob", "alice", "bob"):
+            await parts_of(relay, request_head(), caller=caller)
+        connections = [seen.connection for seen in agent.seen]
+        assert connections[0] == connections[2]
+        assert connections[1] == connections[3]
+        assert connections[0] != connections[1]
 
 
 async def test_a_cancelled_exchange_waiting_for_the_head_closes_the_agent_connection() -> None:

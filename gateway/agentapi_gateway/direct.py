@@ -330,7 +330,8 @@ class DirectPath:
             return error_response(status_from_rpc_error(exc))
         if not grant.direct:
             return None
-        origin = self._pool.origin(grant.base_url)
+        # Per credential: one caller's connection never carries another's exchange.
+        origin = self._pool.origin(grant.base_url, partition=key)
         if origin is None:
             # Not plain http://host:port: the control plane's own client carries it.
             logger.info(

@@ -436,7 +436,10 @@ class AgentService(pb_grpc.AgentServiceServicer):
         async def authorize(agent_id: str) -> None:
             await self._visible(agent_id, Permission.ACCESS)
 
-        async for message in self._relay.relay(request_iterator, authorize=authorize):
+        caller = _principal.get().user_id
+        async for message in self._relay.relay(
+            request_iterator, authorize=authorize, caller=caller
+        ):
             yield message
 
     async def TunnelHTTP(
@@ -487,7 +490,11 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
             with self._stream_slot():
                 async for part in self._relay.exchange(
-                    start.head, body=start.body, end_of_body=True, authorize=authorize
+                    start.head,
+                    body=start.body,
+                    end_of_body=True,
+                    authorize=authorize,
+                    caller=_principal.get().user_id,
                 ):
                     yield part
         except BaseException as exc:

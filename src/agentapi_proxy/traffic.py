@@ -242,6 +242,7 @@ class TrafficRelay:
         requests: AsyncIterator[pb.ProxyHTTPRequest],
         *,
         authorize: Callable[[str], Awaitable[None]],
+        caller: str,
     ) -> AsyncIterator[pb.ProxyHTTPResponse]:
         """Relays one ProxyHTTP call: :meth:`exchange` with the call's messages.
 
@@ -257,6 +258,7 @@ class TrafficRelay:
             end_of_body=first.end_of_body,
             rest=requests,
             authorize=authorize,
+            caller=caller,
         ):
             yield pb.ProxyHTTPResponse(head=part.head, body=part.body, end_of_body=part.end_of_body)
 
@@ -268,6 +270,7 @@ class TrafficRelay:
         end_of_body: bool,
         rest: AsyncIterator[pb.ProxyHTTPRequest] | None = None,
         authorize: Callable[[str], Awaitable[None]],
+        caller: str,
     ) -> AsyncIterator[ResponsePart]:
         """Yields the agent's response: its head, then its body, in as few parts as it can.
 
@@ -279,7 +282,8 @@ class TrafficRelay:
         last chunk. Whoever iterates sets the pace: the agent's response is
         read only as fast as parts are taken. Raises the project's errors.
         ``authorize(agent_id)`` runs before anything is sent and raises when
-        the caller may not reach that agent.
+        the caller may not reach that agent. Connections to agents are never
+        shared between different ``caller`` values (see UpstreamPool.origin).
         """
         declared, forwarded = self._remembered.request(head)
         await authorize(head.agent_id)
@@ -306,7 +310,9 @@ class TrafficRelay:
 
         target = head.path + "?" + head.query if head.query else head.path
         try:
-            response = await self._send(endpoint, head.method, target, headers=headers, body=data)
+            response = await self._send(
+                endpoint, head.method, target, headers=headers, body=data, caller=caller
+            )
             try:
                 response_head = pb.HTTPResponseHead(
                     status=response.status,
@@ -351,6 +357,7 @@ class TrafficRelay:
         *,
         headers: list[tuple[str, str]],
         body: bytes | AsyncIterator[bytes] | None,
+        caller: str,
     ) -> _AgentResponse:
         """Send the request; returns the response once its head has arrived.
 
@@ -362,7 +369,9 @@ class TrafficRelay:
         AgentResponseInvalid, InvalidArgument (a streamed body broke off).
         """
         assert self._pool is not None and self._session is not None, "start() first"
-        origin = self._pool.origin(endpoint.base_url) if endpoint.ssl is None else None
+        origin = (
+            self._pool.origin(endpoint.base_url, partition=caller) if endpoint.ssl is None else None
+        )
         if origin is not None:
             if isinstance(body, bytes) and not any(
                 name.lower() == "content-length" for name, _ in headers

@@ -44,7 +44,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass
 from typing import Final, cast
 from urllib.parse import urlsplit
@@ -687,7 +687,7 @@ class UpstreamPool:
     def __init__(self) -> None:
         self._idle: dict[Origin, list[_Connection]] = {}
         self._all: set[_Connection] = set()
-        self._origins: dict[str, Origin | None] = {}
+        self._origins: dict[tuple[str, Hashable], Origin | None] = {}
         self._closed = False
         self._sweeper: asyncio.TimerHandle | None = None
         # Parsed response heads by their bytes: an agent repeats its heads (Date changes
@@ -695,15 +695,23 @@ class UpstreamPool:
         self._heads: dict[bytes, _Head | None] = {}
         self.loop = asyncio.get_running_loop()
 
-    def origin(self, base_url: str) -> Origin | None:
-        """The parsed ``base_url`` (cached); None when this client cannot reach it."""
+    def origin(self, base_url: str, *, partition: Hashable = "") -> Origin | None:
+        """The parsed ``base_url`` (cached); None when this client cannot reach it.
+
+        Connections are pooled per origin, and origins of different
+        ``partition`` values never share one: an agent that answers late
+        (after its response, unasked) would have that answer read as the
+        response to the next request on the connection, so callers who must
+        not see each other's responses get partitions of their own.
+        """
+        key = (base_url, partition)
         try:
-            return self._origins[base_url]
+            return self._origins[key]
         except KeyError:
             pass
         if len(self._origins) > 10_000:
             self._origins.clear()
-        origin = self._origins[base_url] = Origin.parse(base_url)
+        origin = self._origins[key] = Origin.parse(base_url)
         return origin
 
     async def request(
