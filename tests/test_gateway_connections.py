@@ -166,3 +166,60 @@ async def test_empty_lines_before_the_request_line_do_not_count_as_a_head() -> N
         assert closed, "a head that never ends kept its connection"
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def gateway_with_head_deadline(seconds: float) -> AsyncIterator[int]:
+    settings = GatewaySettings(
+        listen="127.0.0.1:0",
+        control_plane=f"127.0.0.1:{unused_port()}",
+        header_timeout_seconds=seconds,
+    )
+    runner = await run_gateway(settings, shutdown_timeout=1)
+    try:
+        yield int(runner.addresses[0][1])
+    finally:
+        await runner.cleanup()
+
+
+async def closed_while_dripping(connection: Connection, *, steps: int = 20) -> bool:
+    """Send a header line every 0.25 s; whether the gateway closed the connection."""
+    for index in range(steps):
+        await asyncio.sleep(0.25)
+        with contextlib.suppress(ConnectionError):
+            connection.writer.write(b"X-Slow-%d: 1\r\n" % index)
+        try:
+            if await asyncio.wait_for(connection.reader.read(), 0.01) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except ConnectionError:
+            return True
+    return False
+
+
+async def test_a_later_head_on_a_kept_alive_connection_has_a_deadline_too() -> None:
+    async with gateway_with_head_deadline(1.0) as port:
+        connection = await connect(port)
+        try:
+            # A first request with a body, so the gateway must skip it to find the next head.
+            connection.writer.write(
+                b"POST /healthz HTTP/1.1\r\nHost: g\r\nContent-Length: 5\r\n\r\nhello"
+            )
+            head = await asyncio.wait_for(connection.reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 ")
+            connection.writer.write(b"GET /healthz HTTP/1.1\r\n")
+            assert await closed_while_dripping(connection), "a later head never ended"
+        finally:
+            connection.close()
+
+
+async def test_an_idle_kept_alive_connection_outlives_the_head_deadline() -> None:
+    async with gateway_with_head_deadline(0.5) as port:
+        connection = await connect(port)
+        try:
+            assert (await connection.healthz())[0] == 200
+            await asyncio.sleep(1.5)
+            assert (await connection.healthz())[0] == 200
+        finally:
+            connection.close()

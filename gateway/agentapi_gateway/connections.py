@@ -1,13 +1,19 @@
 """What a connection to the gateway must do to be served: arrive while there is room,
-and send its first request head in time.
+and send each request head in time.
 
 aiohttp has no timeout for reading request headers, so a client that sends
 a header line every few seconds would hold its connection and a file
 descriptor for ever (slowloris). Nor does it bound how many connections it
 holds: one client opening thousands would use up the descriptors every
 other client and every agent connection needs. :class:`GatewaySite` wraps
-each connection's HTTP protocol to enforce both. Later requests on a
-kept-alive connection are covered by aiohttp's keep-alive timeout.
+each connection's HTTP protocol to enforce both.
+
+The first head must be complete within the deadline of the connection's
+start; every later head within the deadline of its own first byte, so an
+idle kept-alive connection and a long response (SSE) cost nothing. To find
+where the next head starts, the request framing is followed just far enough:
+a ``Content-Length`` body is skipped; after a head with ``Transfer-Encoding``
+or ``Upgrade`` the connection is no longer timed (it is still counted).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from aiohttp import web
 logger = logging.getLogger(__name__)
 
 _END_OF_HEAD = b"\r\n\r\n"
+# Past this a head is not followed further (aiohttp's own limits are far lower).
+_MAX_FOLLOWED_HEAD = 256 * 1024
 # Descriptors kept free of client connections: the control-plane channel, log
 # files, and on the direct path one connection to an agent per proxied request.
 _RESERVED_DESCRIPTORS: Final = 256
@@ -98,6 +106,23 @@ def _refusal(status: int, code_name: str, message: str) -> bytes:
     ).encode()
 
 
+def _declared_body(head: bytes) -> int | None:
+    """The body length a request head declares: 0 without one, None when the body's
+    end (or the connection's later bytes) cannot be found by counting."""
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name in (b"transfer-encoding", b"upgrade"):
+            return None
+        if name == b"content-length":
+            value = value.strip()
+            if not value.isdigit():
+                return None
+            length = int(value)
+    return length
+
+
 class _Guarded(asyncio.Protocol):
     """Forwards everything to the HTTP protocol once the connection is admitted;
     closes a connection slow to send its head."""
@@ -114,9 +139,12 @@ class _Guarded(asyncio.Protocol):
         self._seconds = seconds
         self._limits = limits
         self._client = ""
-        self._tail = b""
         self._timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.BaseTransport | None = None
+        # The request framing as far as it is followed (see the module docstring).
+        self._timing = True
+        self._head = bytearray()
+        self._body_left = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -141,16 +169,52 @@ class _Guarded(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._inner is None:
             return
-        if self._timer is not None:
-            # Empty lines before the request line are skipped by HTTP parsers (RFC 9112
-            # 2.2), so they must not count as a head, nor start one.
-            seen = self._tail + data if self._tail else data.lstrip(b"\r\n")
-            # Only the last few bytes matter to find a head's end across chunks.
-            if _END_OF_HEAD in seen:
+        if self._timing:
+            self._follow(data)
+        self._inner.data_received(data)
+
+    def _follow(self, data: bytes) -> None:
+        """Time the request heads in ``data``, skipping the bodies between them."""
+        while data and self._timing:
+            if self._body_left:
+                taken = min(self._body_left, len(data))
+                self._body_left -= taken
+                data = data[taken:]
+                continue
+            if not self._head:
+                # Empty lines before a request line are skipped by HTTP parsers (RFC 9112
+                # 2.2), so they neither count as a head nor start one.
+                data = data.lstrip(b"\r\n")
+                if not data:
+                    return
+                if self._timer is None:
+                    self._timer = asyncio.get_running_loop().call_later(self._seconds, self._expire)
+            searched = max(0, len(self._head) - 3)
+            self._head += data
+            end = self._head.find(_END_OF_HEAD, searched)
+            if end < 0:
+                if len(self._head) > _MAX_FOLLOWED_HEAD:
+                    # aiohttp refuses such a head itself; nothing more to time.
+                    self._stop_timing()
+                return
+            head = bytes(self._head[:end])
+            data = bytes(self._head[end + len(_END_OF_HEAD) :])
+            self._head.clear()
+            if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            self._tail = seen[-3:]
-        self._inner.data_received(data)
+            body = _declared_body(head)
+            if body is None:
+                self._stop_timing()
+                return
+            self._body_left = body
+
+    def _stop_timing(self) -> None:
+        self._timing = False
+        self._head.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def eof_received(self) -> bool | None:
         if self._inner is None:
