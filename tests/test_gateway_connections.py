@@ -223,3 +223,31 @@ async def test_an_idle_kept_alive_connection_outlives_the_head_deadline() -> Non
             assert (await connection.healthz())[0] == 200
         finally:
             connection.close()
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"POST /healthz HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n3;ext=1\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: g\r\nUpgrade: something\r\n\r\n",
+    ],
+)
+async def test_after_a_chunked_body_or_an_upgrade_header_heads_are_still_timed(
+    first: bytes,
+) -> None:
+    async with gateway_with_head_deadline(1.0) as port:
+        connection = await connect(port)
+        try:
+            connection.writer.write(first)
+            head = await asyncio.wait_for(connection.reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 ")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await connection.reader.readexactly(length)
+            # The framing was followed to its end: a prompt request is served...
+            assert (await connection.healthz())[0] == 200
+            # ... and a dripped one is cut off.
+            connection.writer.write(b"GET /healthz HTTP/1.1\r\n")
+            assert await closed_while_dripping(connection), "a later head never ended"
+        finally:
+            connection.close()

@@ -12,8 +12,9 @@ The first head must be complete within the deadline of the connection's
 start; every later head within the deadline of its own first byte, so an
 idle kept-alive connection and a long response (SSE) cost nothing. To find
 where the next head starts, the request framing is followed just far enough:
-a ``Content-Length`` body is skipped; after a head with ``Transfer-Encoding``
-or ``Upgrade`` the connection is no longer timed (it is still counted).
+``Content-Length`` and chunked bodies are skipped by counting; after a head
+whose body cannot be followed that way (another Transfer-Encoding, a
+malformed length) the connection is no longer timed (it is still counted).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 _END_OF_HEAD = b"\r\n\r\n"
 # Past this a head is not followed further (aiohttp's own limits are far lower).
 _MAX_FOLLOWED_HEAD = 256 * 1024
+_MAX_CHUNK_LINE = 8 * 1024
 # Descriptors kept free of client connections: the control-plane channel, log
 # files, and on the direct path one connection to an agent per proxied request.
 _RESERVED_DESCRIPTORS: Final = 256
@@ -106,17 +108,20 @@ def _refusal(status: int, code_name: str, message: str) -> bytes:
     ).encode()
 
 
+_CHUNKED: Final = -1
+
+
 def _declared_body(head: bytes) -> int | None:
-    """The body length a request head declares: 0 without one, None when the body's
-    end (or the connection's later bytes) cannot be found by counting."""
+    """The body a request head declares: its length (0 without one), _CHUNKED, or None
+    when its end cannot be found by following the framing."""
     length = 0
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         name = name.strip().lower()
-        if name in (b"transfer-encoding", b"upgrade"):
-            return None
+        value = value.strip()
+        if name == b"transfer-encoding":
+            return _CHUNKED if value.lower() == b"chunked" else None
         if name == b"content-length":
-            value = value.strip()
             if not value.isdigit():
                 return None
             length = int(value)
@@ -145,6 +150,9 @@ class _Guarded(asyncio.Protocol):
         self._timing = True
         self._head = bytearray()
         self._body_left = 0
+        self._in_chunks = False
+        self._in_trailer = False
+        self._line = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -181,6 +189,9 @@ class _Guarded(asyncio.Protocol):
                 self._body_left -= taken
                 data = data[taken:]
                 continue
+            if self._in_chunks:
+                data = self._follow_chunk_line(data)
+                continue
             if not self._head:
                 # Empty lines before a request line are skipped by HTTP parsers (RFC 9112
                 # 2.2), so they neither count as a head nor start one.
@@ -207,11 +218,45 @@ class _Guarded(asyncio.Protocol):
             if body is None:
                 self._stop_timing()
                 return
-            self._body_left = body
+            if body == _CHUNKED:
+                self._in_chunks = True
+            else:
+                self._body_left = body
+
+    def _follow_chunk_line(self, data: bytes) -> bytes:
+        """Read one chunk-size or trailer line of a chunked body; returns the rest of ``data``.
+
+        A chunk's data and its CRLF are skipped by counting; the body ends with
+        the empty line after the last chunk and its trailers.
+        """
+        end = data.find(b"\n")
+        if end < 0:
+            self._line += data
+            if len(self._line) > _MAX_CHUNK_LINE:
+                self._stop_timing()
+            return b""
+        line = bytes(self._line + data[:end]).rstrip(b"\r")
+        self._line.clear()
+        rest = data[end + 1 :]
+        if self._in_trailer:
+            if not line:
+                self._in_chunks = self._in_trailer = False
+            return rest
+        size = line.split(b";", 1)[0].strip()
+        if not size or size.strip(b"0123456789abcdefABCDEF") or len(size) > 16:
+            # Malformed: aiohttp refuses the request; nothing more to time.
+            self._stop_timing()
+            return b""
+        if int(size, 16) == 0:
+            self._in_trailer = True
+        else:
+            self._body_left = int(size, 16) + len(b"\r\n")
+        return rest
 
     def _stop_timing(self) -> None:
         self._timing = False
         self._head.clear()
+        self._line.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
