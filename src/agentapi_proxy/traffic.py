@@ -378,6 +378,9 @@ class TrafficRelay:
             ):
                 headers.append(("Content-Length", str(len(body))))
             return await self._pool.request(origin, method, target, headers=headers, body=body)
+        # Shared by all callers: these connections end at a TLS server (the Kubernetes API
+        # server's pod proxy), which frames each agent response itself, so an agent's
+        # late bytes never reach them.
         response = await self._session.request(
             method,
             URL(endpoint.base_url.rstrip("/") + target, encoded=True),
