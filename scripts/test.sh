@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up .venv and buf, then runs every check: generated code, buf lint and
-# breaking, ruff, mypy, and the test suite. Extra arguments go to pytest.
+# Sets up .venv and buf, then runs every check: generated code, buf lint, ruff,
+# mypy, and the test suite. Extra arguments go to pytest.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -425,3 +426,37 @@ async def test_a_malformed_agent_response_is_unavailable_not_internal(tmp_path: 
             error = await expect_code(_drain(call), grpc.StatusCode.UNAVAILABLE)
             assert "malformed" in (error.details() or "")
             assert "Traceback" not in proxy.log_text()
+
+
+async def test_a_second_control_plane_on_the_same_state_dir_refuses_to_start(
+    tmp_path: Path,
+) -> None:
+    with running_proxy(tmp_path, command="control-plane") as first:
+        env = {
+            **os.environ,
+            "AGENTAPI_STATE_DIR": str(first.state_dir),
+            "AGENTAPI_SERVER_GRPC_LISTEN": f"127.0.0.1:{port_of_nothing()}",
+        }
+        second = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "agentapi_proxy", "control-plane"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert second.returncode == 2
+        assert "is in use by another agentapi-proxy control plane" in second.stderr
+        assert first.proc is not None and f"pid {first.proc.pid}" in second.stderr
+        # The first one still serves.
+        channel, agents = stub(first.grpc_target)
+        async with channel:
+            assert (await agents.ListAgents(pb.ListAgentsRequest())).agents == []
+
+
+def port_of_nothing() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

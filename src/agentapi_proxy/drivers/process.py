@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -57,7 +58,7 @@ from agentapi_proxy.model import (
     State,
     StreamEnd,
 )
-from agentapi_proxy.settings import ProcessSettings
+from agentapi_proxy.settings import ProcessSettings, SettingsError
 from agentapi_proxy.stateboard import StateBoard
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ CURRENT_LOG = "current.log"
 PREVIOUS_LOG = "previous.log"
 EXIT_FILE = "exit.json"
 LOG_TAIL_LINES = 20
+# In state_dir, beside agents/: held (flock) by the control plane that uses the directory.
+STATE_LOCK_FILE = "control-plane.lock"
 
 # Readiness is probed quickly while an agent starts (create-to-ready time is
 # what users feel), less often when it is slow to come up, and slowly once ready.
@@ -150,11 +153,13 @@ class ProcessDriver(Driver):
         self._port_lock = asyncio.Lock()
         self._port_cursor = 0
         self._http: aiohttp.ClientSession | None = None
+        self._state_lock: int | None = None
 
     # --- lifecycle of the driver ---------------------------------------------
 
     async def start(self) -> None:
         self._root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_state_dir()
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT),
             connector=aiohttp.TCPConnector(limit=0, force_close=True),
@@ -171,6 +176,32 @@ class ProcessDriver(Driver):
             agent.logs_done.set()
         if self._http is not None:
             await self._http.close()
+        if self._state_lock is not None:
+            os.close(self._state_lock)
+            self._state_lock = None
+
+    def _lock_state_dir(self) -> None:
+        """Hold the state directory for this control plane alone; SettingsError if taken.
+
+        Two control planes on one state directory would each adopt, restart and
+        delete the other's agents. The lock is the kernel's (flock), so it goes
+        with the process, also on kill -9; agents never inherit it (close_fds).
+        """
+        path = self._root.parent / STATE_LOCK_FILE
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(descriptor)
+            raise SettingsError(
+                f"state_dir {self._root.parent} is in use by another agentapi-proxy control "
+                f"plane (pid {holder}); give each instance its own state_dir "
+                "(AGENTAPI_STATE_DIR)"
+            ) from None
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        self._state_lock = descriptor
 
     async def _recover(self, directory: Path) -> None:
         """Adopt an agent found on disk, or finish the step a killed control plane left."""
