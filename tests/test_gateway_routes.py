@@ -212,6 +212,8 @@ def test_timestamp_and_enum_by_name() -> None:
         ([("tail_lines", "ten")], None, "tail_lines"),
         ([("follow", "maybe")], None, "not a boolean"),
         ([("since", "30 parsecs")], None, "since"),
+        ([("since", "banana")], None, "'banana' is not a duration; write it like 300s"),
+        ([("limit_bytes", "abc")], None, "'limit_bytes' = 'abc' is not a whole number"),
         ([("tail_lines", "1"), ("tail_lines", "2")], None, "2 times"),
         ([("agent_id", "other")], None, "path already sets"),
     ],
@@ -226,7 +228,10 @@ def test_bad_query_is_invalid_argument(
 @pytest.mark.parametrize(
     ("body", "complaint"),
     [
-        ({"sessionId": "s", "colour": "red"}, "colour"),
+        (
+            {"sessionId": "s", "colour": "red"},
+            "unknown field .colour.; this request takes session_id, agent_id",
+        ),
         ({"env": "not-a-map"}, "env"),
         (["a", "list"], "JSON object"),
         ({"session_id": "other"}, "disagree"),

@@ -174,6 +174,24 @@ _DURATION_UNITS: Final = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _PROTO_DURATION = re.compile(r"-?\d+(?:\.\d+)?s")
 
 
+_INTEGER = re.compile(r"[-+]?\d+")
+_INTEGER_TYPES: Final = frozenset(
+    {
+        FieldDescriptor.TYPE_INT32,
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT32,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT32,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED32,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED32,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+_UNKNOWN_FIELD = re.compile(r'has no field named "([^"]+)"')
+
+
 def _duration(value: str) -> str:
     """``value`` in proto3 JSON form; kubectl forms are converted, anything else is kept."""
     text = value.strip()
@@ -189,8 +207,15 @@ def _scalar(field: FieldDescriptor, value: str, *, spelled: str) -> Any:
         field.message_type is not None
         and field.message_type.full_name == "google.protobuf.Duration"
     ):
-        return _duration(value)
+        converted = _duration(value)
+        if not _PROTO_DURATION.fullmatch(converted.strip()):
+            raise InvalidArgument(
+                f"{spelled} = {value!r} is not a duration; write it like 300s, 5m or 1h30m"
+            )
+        return converted
     kind = field.type
+    if kind in _INTEGER_TYPES and not _INTEGER.fullmatch(value.strip()):
+        raise InvalidArgument(f"{spelled} = {value!r} is not a whole number")
     if field.message_type is not None and field.message_type.full_name.endswith(".BoolValue"):
         kind = FieldDescriptor.TYPE_BOOL
     if kind != FieldDescriptor.TYPE_BOOL:
@@ -220,6 +245,13 @@ def _parse_into(data: dict[str, Any], message: Message) -> None:
     try:
         json_format.ParseDict(data, message, ignore_unknown_fields=False)
     except json_format.ParseError as exc:
+        unknown = _UNKNOWN_FIELD.search(str(exc))
+        if unknown is not None:
+            known = ", ".join(field.name for field in message.DESCRIPTOR.fields)
+            raise InvalidArgument(
+                f"unknown field {unknown.group(1)!r}; this request takes {known} "
+                "(fields the URL path sets are taken from there)"
+            ) from exc
         raise InvalidArgument(f"invalid request: {exc}") from exc
     except (TypeError, ValueError, AttributeError) as exc:
         # json_format lets a few type mismatches through as plain Python errors.
