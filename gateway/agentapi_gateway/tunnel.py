@@ -34,7 +34,7 @@ from typing import Any, Final
 import grpc
 
 from agentapi_gateway.errors import ErrorStatus, status_from_rpc_error
-from agentapi_proxy.tunnel_frames import GATHER_ROUNDS, WINDOW_BYTES, take_batch
+from agentapi_proxy.tunnel_frames import WINDOW_BYTES, gather_more, take_batch
 from agentapi_proxy.v1 import agent_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -69,20 +69,6 @@ def _broken(code: grpc.StatusCode, details: str, *, retry_after: float | None) -
         f"the connection to the control plane broke ({code.name}: {details}); retry shortly",
         retry_after=retry_after,
     )
-
-
-async def _gather(queue: list[Any]) -> None:
-    """Let the tasks that are ready queue their frames too, while they keep coming.
-
-    A loop iteration costs far less than a message, and under load many
-    exchanges become ready within a few iterations of each other.
-    """
-    count = -1
-    for _ in range(GATHER_ROUNDS):
-        if len(queue) == count:
-            return
-        count = len(queue)
-        await asyncio.sleep(0)
 
 
 class TunnelFailed(Exception):
@@ -236,7 +222,7 @@ class Tunnel:
                 if not self._outbox:
                     self._ready.clear()
                     await self._ready.wait()
-                    await _gather(self._outbox)
+                    await gather_more(self._outbox)
                     continue
                 await self._call.write(pb.TunnelHTTPRequest(frames=take_batch(self._outbox)))
         except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):

@@ -23,15 +23,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any, Final
+from typing import Final
 
 from agentapi_proxy import errors, status
 from agentapi_proxy.traffic import ResponsePart
 from agentapi_proxy.tunnel_frames import (
-    GATHER_ROUNDS,
     MAX_OUTBOX_BYTES,
     MAX_START_BODY_BYTES,
     WINDOW_BYTES,
+    gather_more,
     take_batch,
 )
 from agentapi_proxy.v1 import agent_service_pb2 as pb
@@ -54,20 +54,6 @@ def error_frame(exchange_id: int, exc: BaseException) -> pb.TunnelResponseFrame:
     if isinstance(exc, errors.Unavailable):
         error.retry_after_seconds = exc.retry_after
     return pb.TunnelResponseFrame(exchange_id=exchange_id, error=error)
-
-
-async def _gather(queue: list[Any]) -> None:
-    """Let the tasks that are ready queue their frames too, while they keep coming.
-
-    A loop iteration costs far less than a message, and under load many
-    exchanges become ready within a few iterations of each other.
-    """
-    count = -1
-    for _ in range(GATHER_ROUNDS):
-        if len(queue) == count:
-            return
-        count = len(queue)
-        await asyncio.sleep(0)
 
 
 # Exchanges of one tunnel in flight at most (each also holds a stream slot of its
@@ -143,7 +129,7 @@ class TunnelSession:
                         break
                     self._ready.clear()
                     await self._ready.wait()
-                    await _gather(self._outbox)
+                    await gather_more(self._outbox)
                     continue
                 batch = take_batch(self._outbox)
                 self._outbox_bytes -= sum(_queued_size(frame) for frame in batch)

@@ -6,7 +6,8 @@ in one message; both must cut batches and count credit the same way.
 
 from __future__ import annotations
 
-from typing import Final, Protocol, TypeVar
+import asyncio
+from typing import Any, Final, Protocol, TypeVar
 
 # Response body bytes one exchange may have sent that the gateway has not yet written.
 WINDOW_BYTES: Final = 256 * 1024
@@ -43,3 +44,17 @@ def take_batch(queue: list[Frame]) -> list[Frame]:
     batch = queue[:count]
     del queue[:count]
     return batch
+
+
+async def gather_more(queue: list[Any]) -> None:
+    """Let the tasks that are ready queue their frames too, while they keep coming.
+
+    A loop iteration costs far less than a message, and under load many
+    exchanges become ready within a few iterations of each other.
+    """
+    count = -1
+    for _ in range(GATHER_ROUNDS):
+        if len(queue) == count:
+            return
+        count = len(queue)
+        await asyncio.sleep(0)
