@@ -45,6 +45,23 @@ async def bounded(calls: Iterable[Callable[[], Awaitable[object]]], *, concurren
             raise result
 
 
+async def create_agents(
+    agents: pb_grpc.AgentServiceStub, agent_ids: Iterable[str], *, session_id: str = SESSION
+) -> float:
+    """Create the agents, CREATE_CONCURRENCY at a time; returns the seconds taken."""
+    started = time.perf_counter()
+    await bounded(
+        [
+            functools.partial(
+                agents.CreateAgent, pb.CreateAgentRequest(session_id=session_id, agent_id=agent_id)
+            )
+            for agent_id in agent_ids
+        ],
+        concurrency=CREATE_CONCURRENCY,
+    )
+    return time.perf_counter() - started
+
+
 async def _delete(agents: pb_grpc.AgentServiceStub, agent_id: str) -> None:
     try:
         await agents.DeleteAgent(pb.DeleteAgentRequest(agent_id=agent_id))
@@ -149,18 +166,7 @@ async def scale(
         for count in counts:
             ids = [f"tiny-{index}" for index in range(len(created), count)]
             created += ids
-            started = time.perf_counter()
-            await bounded(
-                [
-                    functools.partial(
-                        agents.CreateAgent,
-                        pb.CreateAgentRequest(session_id=SESSION, agent_id=agent_id),
-                    )
-                    for agent_id in ids
-                ],
-                concurrency=CREATE_CONCURRENCY,
-            )
-            create_seconds = time.perf_counter() - started
+            create_seconds = await create_agents(agents, ids)
             point = await measure(count)
             point["creates_per_s"] = round(len(ids) / create_seconds, 1)
             points.append(point)

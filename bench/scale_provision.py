@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import sys
@@ -26,7 +25,7 @@ from google.protobuf.duration_pb2 import Duration
 from agentapi_proxy.v1 import agent_service_pb2 as pb
 from agentapi_proxy.v1 import agent_service_pb2_grpc as pb_grpc
 from bench.procfs import CpuMeter, rss_bytes
-from bench.scale import CREATE_CONCURRENCY, MIB, bounded, list_all, list_latencies
+from bench.scale import MIB, create_agents, list_all, list_latencies
 from bench.servers import REPO
 from bench.stats import ratio, summarize_ms
 
@@ -303,18 +302,7 @@ async def provision_scale(
         created = count
         await kube.wait_quiet(seconds=quiet_seconds)
         await kube.clear()
-        started = time.perf_counter()
-        await bounded(
-            [
-                functools.partial(
-                    agents.CreateAgent,
-                    pb.CreateAgentRequest(session_id=SESSION, agent_id=agent_id),
-                )
-                for agent_id in ids
-            ],
-            concurrency=CREATE_CONCURRENCY,
-        )
-        create_seconds = time.perf_counter() - started
+        create_seconds = await create_agents(agents, ids, session_id=SESSION)
         during_creates = await kube.requests()
         not_ready = await _wait_all_ready(agents, count=count)
         point = await measure(count)

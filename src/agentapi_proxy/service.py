@@ -442,6 +442,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         ):
             yield message
 
+    @_streaming
     async def TunnelHTTP(
         self, request_iterator: AsyncIterator[pb.TunnelHTTPRequest], context: Context
     ) -> AsyncIterator[pb.TunnelHTTPResponse]:
@@ -449,26 +450,16 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
         The caller that opens it must authenticate, but gets nothing by it:
         each exchange is checked on its own credentials by
-        :meth:`_tunnel_exchange`. The stream takes one stream slot of its
-        opener's; each exchange takes one of its own caller's.
+        :meth:`_tunnel_exchange`. The stream holds one stream slot of its
+        opener's, so nobody can open tunnels without end; each exchange holds
+        one of its own caller's.
         """
-        open_streams = metrics.OPEN_STREAMS.labels("TunnelHTTP")
-        open_streams.inc()
-        try:
-            async with _served("TunnelHTTP", context, authenticator=self._authenticator):
-                self._check_not_shutting_down()
-                # The stream itself holds one of its opener's slots, so that nobody can
-                # open tunnels without end; each exchange holds one of its caller's.
-                with self._stream_slot():
-                    # Tells the gateway the stream was accepted before any exchange is sent.
-                    await context.send_initial_metadata(())
-                    session = TunnelSession(
-                        self._tunnel_exchange, accepting=lambda: not self._shutting_down
-                    )
-                    async for message in session.serve(request_iterator):
-                        yield message
-        finally:
-            open_streams.dec()
+        self._check_not_shutting_down()
+        # Tells the gateway the stream was accepted before any exchange is sent.
+        await context.send_initial_metadata(())
+        session = TunnelSession(self._tunnel_exchange, accepting=lambda: not self._shutting_down)
+        async for message in session.serve(request_iterator):
+            yield message
 
     async def _tunnel_exchange(
         self, start: pb.TunnelExchangeStart
